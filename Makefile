@@ -1,0 +1,37 @@
+# flaxdet: `make demo` and `make test` each create .venv and install on first use.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | cksum | cut -d' ' -f1)
+# Known-good PyTorch pair (torchvision's NMS/RoIAlign are visdet's ops). pip takes both from the
+# machine's local package mirror when present.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+PYTEST_WORKERS ?= 2
+
+.PHONY: install demo test test-slow test-all bench clean
+
+$(STAMP):
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.10-3.12)"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[torch,dev]'
+	@rm -f $(VENV)/.installed-*; touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m flaxdet.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m slow
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m 'slow or not slow'
+
+clean:
+	rm -rf $(VENV) out build *.egg-info

@@ -1,0 +1,642 @@
+"""visdet YAML model configs as typed, frozen dataclasses.
+
+visdet builds models from nested dicts whose ``type:`` key names a class
+(``configs/models/*.yaml``, or the ``model`` section of a runner config). We
+read such a dict **once**, here, into frozen dataclasses -- one per visdet
+module, with fields named like that module's constructor arguments. Model code
+(``flaxdet_reference`` and ``flaxdet.models``) only ever sees these dataclasses.
+
+* ``TYPE_TABLE`` is the one explicit map from ``type`` strings to dataclasses.
+  A field whose annotation is a typed base (``BackboneCfg`` ...) accepts any
+  table entry derived from that base; anything else is an error.
+* Untyped sub-dicts (``train_cfg.rpn``, ``nms``, ``norm_cfg`` ...) parse into the
+  field's annotated dataclass; there ``type`` (if any) is an ordinary field.
+* Unknown keys and unknown types raise :class:`ConfigError` naming the key path
+  and the file. Lists become tuples so every config is hashable (usable as a
+  static argument under ``jax.jit``).
+
+``to_dict`` writes a config back in visdet's schema (``type:`` keys), so a
+converted checkpoint can carry its config to visdet unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Optional, Union
+
+import yaml
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A config that does not describe a model we support."""
+
+
+class FrozenMap(Mapping):
+    """A hashable, read-only dict for free-form config values (``init_cfg`` ...)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping | None = None):
+        self._items = tuple((k, _freeze(v)) for k, v in (items or {}).items())
+
+    def __getitem__(self, key):
+        for k, v in self._items:
+            if k == key:
+                return v
+        raise KeyError(key)
+
+    def __iter__(self):
+        return (k for k, _ in self._items)
+
+    def __len__(self):
+        return len(self._items)
+
+    def __hash__(self):
+        return hash(self._items)
+
+    def __eq__(self, other):
+        return isinstance(other, Mapping) and dict(self) == dict(other)
+
+    def __repr__(self):
+        return f"FrozenMap({dict(self)!r})"
+
+
+def _freeze(v):
+    if isinstance(v, Mapping) and not isinstance(v, FrozenMap):
+        return FrozenMap(v)
+    if isinstance(v, list | tuple):
+        return tuple(_freeze(x) for x in v)
+    return v
+
+
+# --------------------------------------------------------------------------------------
+# Bases. ``TYPE`` is the visdet class name of table entries; plain sub-configs keep None.
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cfg:
+    TYPE: ClassVar[Optional[str]] = None
+
+
+class BackboneCfg(Cfg): ...
+class NeckCfg(Cfg): ...
+class DenseHeadCfg(Cfg): ...
+class RoIHeadCfg(Cfg): ...
+class BBoxHeadCfg(Cfg): ...
+class MaskHeadCfg(Cfg): ...
+class RoIExtractorCfg(Cfg): ...
+class RoILayerCfg(Cfg): ...
+class PriorGeneratorCfg(Cfg): ...
+class BBoxCoderCfg(Cfg): ...
+class LossCfg(Cfg): ...
+class AssignerCfg(Cfg): ...
+class SamplerCfg(Cfg): ...
+class DetectorCfg(Cfg): ...
+class PreprocessorCfg(Cfg): ...
+
+
+# ------------------------------------------------------------------- plain sub-configs
+@dataclass(frozen=True)
+class NormCfg(Cfg):
+    type: str = "BN"
+    requires_grad: bool = True
+    eps: float = 1e-5
+    momentum: float = 0.1
+
+
+@dataclass(frozen=True)
+class NMSCfg(Cfg):
+    type: str = "nms"
+    iou_threshold: float = 0.5
+    split_thr: int = 10000
+    class_agnostic: bool = False
+
+
+@dataclass(frozen=True)
+class RPNProposalCfg(Cfg):
+    """``test_cfg.rpn`` and ``train_cfg.rpn_proposal``."""
+    nms_pre: int = 1000
+    max_per_img: int = 1000
+    nms: NMSCfg = field(default_factory=lambda: NMSCfg(iou_threshold=0.7))
+    min_bbox_size: float = 0
+    score_thr: float = 0.0
+
+
+@dataclass(frozen=True)
+class RCNNTestCfg(Cfg):
+    score_thr: float = 0.05
+    nms: NMSCfg = field(default_factory=NMSCfg)
+    max_per_img: int = 100
+    mask_thr_binary: float = 0.5
+
+
+# ------------------------------------------------------------------ task modules
+@dataclass(frozen=True)
+class MaxIoUAssignerCfg(AssignerCfg):
+    TYPE: ClassVar[str] = "MaxIoUAssigner"
+    pos_iou_thr: float = 0.5
+    neg_iou_thr: Union[float, tuple] = 0.5
+    min_pos_iou: float = 0.0
+    gt_max_assign_all: bool = True
+    ignore_iof_thr: float = -1
+    ignore_wrt_candidates: bool = True
+    match_low_quality: bool = True
+    gpu_assign_thr: float = -1
+    iou_calculator: Optional[FrozenMap] = None
+
+
+@dataclass(frozen=True)
+class RandomSamplerCfg(SamplerCfg):
+    TYPE: ClassVar[str] = "RandomSampler"
+    num: int = 512
+    pos_fraction: float = 0.25
+    neg_pos_ub: float = -1
+    add_gt_as_proposals: bool = True
+
+
+@dataclass(frozen=True)
+class RPNTrainCfg(Cfg):
+    assigner: AssignerCfg = field(default_factory=lambda: MaxIoUAssignerCfg(0.7, 0.3, 0.3))
+    sampler: SamplerCfg = field(default_factory=lambda: RandomSamplerCfg(256, 0.5, -1, False))
+    allowed_border: int = -1
+    pos_weight: float = -1
+    debug: bool = False
+
+
+@dataclass(frozen=True)
+class RCNNTrainCfg(Cfg):
+    assigner: AssignerCfg = field(default_factory=lambda: MaxIoUAssignerCfg(0.5, 0.5, 0.5))
+    sampler: SamplerCfg = field(default_factory=RandomSamplerCfg)
+    mask_size: int = 28
+    pos_weight: float = -1
+    debug: bool = False
+
+
+@dataclass(frozen=True)
+class TrainCfg(Cfg):
+    rpn: Optional[RPNTrainCfg] = None
+    rpn_proposal: Optional[RPNProposalCfg] = None
+    rcnn: Union[RCNNTrainCfg, tuple[RCNNTrainCfg, ...], None] = None
+
+
+@dataclass(frozen=True)
+class TestCfg(Cfg):
+    rpn: Optional[RPNProposalCfg] = None
+    rcnn: Optional[RCNNTestCfg] = None
+
+
+@dataclass(frozen=True)
+class AnchorGeneratorCfg(PriorGeneratorCfg):
+    TYPE: ClassVar[str] = "AnchorGenerator"
+    strides: tuple = (4, 8, 16, 32, 64)
+    ratios: tuple = (0.5, 1.0, 2.0)
+    scales: Optional[tuple] = None
+    base_sizes: Optional[tuple] = None
+    scale_major: bool = True
+    octave_base_scale: Optional[float] = None
+    scales_per_octave: Optional[int] = None
+    centers: Optional[tuple] = None
+    center_offset: float = 0.0
+
+
+@dataclass(frozen=True)
+class DeltaXYWHBBoxCoderCfg(BBoxCoderCfg):
+    """visdet's coder: no dw/dh clamp. ``wh_ratio_clip`` is a flaxdet option (not a
+    visdet argument): set it to 16/1000 for upstream MMDetection's clamp."""
+    TYPE: ClassVar[str] = "DeltaXYWHBBoxCoder"
+    target_means: tuple = (0.0, 0.0, 0.0, 0.0)
+    target_stds: tuple = (1.0, 1.0, 1.0, 1.0)
+    clip_border: bool = True
+    wh_ratio_clip: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class CrossEntropyLossCfg(LossCfg):
+    TYPE: ClassVar[str] = "CrossEntropyLoss"
+    use_sigmoid: bool = False
+    use_mask: bool = False
+    reduction: str = "mean"
+    class_weight: Optional[tuple] = None
+    ignore_index: Optional[int] = None
+    loss_weight: float = 1.0
+    avg_non_ignore: bool = False
+
+
+@dataclass(frozen=True)
+class L1LossCfg(LossCfg):
+    TYPE: ClassVar[str] = "L1Loss"
+    reduction: str = "mean"
+    loss_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class SmoothL1LossCfg(LossCfg):
+    TYPE: ClassVar[str] = "SmoothL1Loss"
+    beta: float = 1.0
+    reduction: str = "mean"
+    loss_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class RoIAlignCfg(RoILayerCfg):
+    TYPE: ClassVar[str] = "RoIAlign"
+    output_size: Union[int, tuple] = 7
+    sampling_ratio: int = 0
+    aligned: bool = True
+    pool_mode: str = "avg"
+    spatial_scale: float = 1.0
+    use_torchvision: bool = True
+
+
+# ---------------------------------------------------------------------------- modules
+@dataclass(frozen=True)
+class DetDataPreprocessorCfg(PreprocessorCfg):
+    TYPE: ClassVar[str] = "DetDataPreprocessor"
+    mean: tuple = (123.675, 116.28, 103.53)
+    std: tuple = (58.395, 57.12, 57.375)
+    pad_size_divisor: int = 32
+    pad_value: float = 0
+    pad_mask: bool = False
+    mask_pad_value: int = 0
+    pad_seg: bool = False
+    seg_pad_value: int = 255
+    bgr_to_rgb: bool = False
+    rgb_to_bgr: bool = False
+    boxtype2tensor: bool = True
+    non_blocking: bool = False
+    batch_augments: Optional[tuple] = None
+
+
+@dataclass(frozen=True)
+class ResNetCfg(BackboneCfg):
+    TYPE: ClassVar[str] = "ResNet"
+    depth: int = 50
+    in_channels: int = 3
+    stem_channels: Optional[int] = None
+    base_channels: int = 64
+    num_stages: int = 4
+    strides: tuple = (1, 2, 2, 2)
+    dilations: tuple = (1, 1, 1, 1)
+    out_indices: tuple = (0, 1, 2, 3)
+    style: str = "pytorch"
+    deep_stem: bool = False
+    avg_down: bool = False
+    frozen_stages: int = -1
+    conv_cfg: Optional[FrozenMap] = None
+    norm_cfg: NormCfg = field(default_factory=NormCfg)
+    norm_eval: bool = True
+    dcn: Optional[FrozenMap] = None
+    stage_with_dcn: tuple = (False, False, False, False)
+    plugins: Optional[tuple] = None
+    with_cp: bool = False
+    zero_init_residual: bool = True
+    pretrained: Optional[str] = None
+    init_cfg: Optional[FrozenMap] = None
+
+
+@dataclass(frozen=True)
+class SwinTransformerCfg(BackboneCfg):
+    """visdet ``SwinTransformer`` (the flagship ``mask_rcnn_swin_s`` preset). Parsed here so every
+    visdet preset reads; the model itself is built by the Swin issue's modules."""
+    TYPE: ClassVar[str] = "SwinTransformer"
+    pretrain_img_size: Union[int, tuple] = 224
+    in_channels: int = 3
+    embed_dims: int = 96
+    patch_size: int = 4
+    window_size: int = 7
+    mlp_ratio: float = 4
+    depths: tuple = (2, 2, 6, 2)
+    num_heads: tuple = (3, 6, 12, 24)
+    strides: tuple = (4, 2, 2, 2)
+    out_indices: tuple = (0, 1, 2, 3)
+    qkv_bias: bool = True
+    qk_scale: Optional[float] = None
+    patch_norm: bool = True
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.1
+    use_abs_pos_embed: bool = False
+    act_cfg: FrozenMap = field(default_factory=lambda: FrozenMap({"type": "GELU"}))
+    norm_cfg: FrozenMap = field(default_factory=lambda: FrozenMap({"type": "LN"}))
+    with_cp: bool = False
+    attn_backend: str = "torch"
+    pretrained: Optional[str] = None
+    convert_weights: bool = False
+    frozen_stages: int = -1
+    init_cfg: Optional[FrozenMap] = None
+
+
+@dataclass(frozen=True)
+class FPNCfg(NeckCfg):
+    TYPE: ClassVar[str] = "FPN"
+    in_channels: tuple = (256, 512, 1024, 2048)
+    out_channels: int = 256
+    num_outs: int = 5
+    start_level: int = 0
+    end_level: int = -1
+    add_extra_convs: Union[bool, str] = False
+    relu_before_extra_convs: bool = False
+    no_norm_on_lateral: bool = False
+    conv_cfg: Optional[FrozenMap] = None
+    norm_cfg: Optional[FrozenMap] = None
+    act_cfg: Optional[FrozenMap] = None
+    upsample_cfg: FrozenMap = field(default_factory=lambda: FrozenMap({"mode": "nearest"}))
+    init_cfg: Optional[FrozenMap] = None
+
+
+@dataclass(frozen=True)
+class RPNHeadCfg(DenseHeadCfg):
+    TYPE: ClassVar[str] = "RPNHead"
+    in_channels: int = 256
+    num_classes: int = 1
+    feat_channels: int = 256
+    num_convs: int = 1
+    anchor_generator: PriorGeneratorCfg = field(default_factory=AnchorGeneratorCfg)
+    bbox_coder: BBoxCoderCfg = field(default_factory=DeltaXYWHBBoxCoderCfg)
+    reg_decoded_bbox: bool = False
+    loss_cls: LossCfg = field(default_factory=lambda: CrossEntropyLossCfg(use_sigmoid=True))
+    loss_bbox: LossCfg = field(default_factory=L1LossCfg)
+    train_cfg: Optional[RPNTrainCfg] = None
+    test_cfg: Optional[RPNProposalCfg] = None
+    init_cfg: Optional[FrozenMap] = None
+
+
+@dataclass(frozen=True)
+class SingleRoIExtractorCfg(RoIExtractorCfg):
+    TYPE: ClassVar[str] = "SingleRoIExtractor"
+    roi_layer: RoILayerCfg = field(default_factory=RoIAlignCfg)
+    out_channels: int = 256
+    featmap_strides: tuple = (4, 8, 16, 32)
+    finest_scale: int = 56
+    init_cfg: Optional[FrozenMap] = None
+
+
+@dataclass(frozen=True)
+class ConvFCBBoxHeadCfg(BBoxHeadCfg):
+    TYPE: ClassVar[str] = "ConvFCBBoxHead"
+    num_shared_convs: int = 0
+    num_shared_fcs: int = 0
+    num_cls_convs: int = 0
+    num_cls_fcs: int = 0
+    num_reg_convs: int = 0
+    num_reg_fcs: int = 0
+    conv_out_channels: int = 256
+    fc_out_channels: int = 1024
+    conv_cfg: Optional[FrozenMap] = None
+    norm_cfg: Optional[FrozenMap] = None
+    # BBoxHead arguments
+    with_avg_pool: bool = False
+    with_cls: bool = True
+    with_reg: bool = True
+    roi_feat_size: int = 7
+    in_channels: int = 256
+    num_classes: int = 80
+    bbox_coder: BBoxCoderCfg = field(
+        default_factory=lambda: DeltaXYWHBBoxCoderCfg(target_stds=(0.1, 0.1, 0.2, 0.2)))
+    predict_box_type: str = "hbox"
+    reg_class_agnostic: bool = False
+    reg_decoded_bbox: bool = False
+    reg_predictor_cfg: Optional[FrozenMap] = None
+    cls_predictor_cfg: Optional[FrozenMap] = None
+    loss_cls: LossCfg = field(default_factory=CrossEntropyLossCfg)
+    loss_bbox: LossCfg = field(default_factory=L1LossCfg)
+    init_cfg: Optional[FrozenMap] = None
+
+
+@dataclass(frozen=True)
+class Shared2FCBBoxHeadCfg(ConvFCBBoxHeadCfg):
+    TYPE: ClassVar[str] = "Shared2FCBBoxHead"
+    num_shared_fcs: int = 2
+
+
+@dataclass(frozen=True)
+class Shared4Conv1FCBBoxHeadCfg(ConvFCBBoxHeadCfg):
+    TYPE: ClassVar[str] = "Shared4Conv1FCBBoxHead"
+    num_shared_convs: int = 4
+    num_shared_fcs: int = 1
+
+
+@dataclass(frozen=True)
+class FCNMaskHeadCfg(MaskHeadCfg):
+    TYPE: ClassVar[str] = "FCNMaskHead"
+    num_convs: int = 4
+    roi_feat_size: int = 14
+    in_channels: int = 256
+    conv_kernel_size: int = 3
+    conv_out_channels: int = 256
+    num_classes: int = 80
+    class_agnostic: bool = False
+    upsample_cfg: FrozenMap = field(
+        default_factory=lambda: FrozenMap({"type": "deconv", "scale_factor": 2}))
+    conv_cfg: Optional[FrozenMap] = None
+    norm_cfg: Optional[FrozenMap] = None
+    predictor_cfg: FrozenMap = field(default_factory=lambda: FrozenMap({"type": "Conv"}))
+    loss_mask: LossCfg = field(
+        default_factory=lambda: CrossEntropyLossCfg(use_mask=True))
+    init_cfg: Optional[FrozenMap] = None
+
+
+@dataclass(frozen=True)
+class StandardRoIHeadCfg(RoIHeadCfg):
+    TYPE: ClassVar[str] = "StandardRoIHead"
+    bbox_roi_extractor: Optional[RoIExtractorCfg] = None
+    bbox_head: Optional[BBoxHeadCfg] = None
+    mask_roi_extractor: Optional[RoIExtractorCfg] = None
+    mask_head: Optional[MaskHeadCfg] = None
+    shared_head: Optional[FrozenMap] = None
+    train_cfg: Optional[RCNNTrainCfg] = None
+    test_cfg: Optional[RCNNTestCfg] = None
+    init_cfg: Optional[FrozenMap] = None
+
+
+@dataclass(frozen=True)
+class TwoStageDetectorCfg(DetectorCfg):
+    TYPE: ClassVar[str] = "TwoStageDetector"
+    backbone: BackboneCfg = field(default_factory=ResNetCfg)
+    neck: Optional[NeckCfg] = None
+    rpn_head: Optional[DenseHeadCfg] = None
+    roi_head: Optional[RoIHeadCfg] = None
+    train_cfg: Optional[TrainCfg] = None
+    test_cfg: Optional[TestCfg] = None
+    data_preprocessor: PreprocessorCfg = field(default_factory=DetDataPreprocessorCfg)
+    init_cfg: Optional[FrozenMap] = None
+    preset_meta: Optional[FrozenMap] = None  # visdet preset files carry aliases here
+
+
+@dataclass(frozen=True)
+class FasterRCNNCfg(TwoStageDetectorCfg):
+    TYPE: ClassVar[str] = "FasterRCNN"
+
+
+@dataclass(frozen=True)
+class MaskRCNNCfg(TwoStageDetectorCfg):
+    TYPE: ClassVar[str] = "MaskRCNN"
+
+
+# The one explicit table: visdet ``type`` string -> config dataclass.
+TYPE_TABLE: dict[str, type[Cfg]] = {
+    c.TYPE: c for c in (
+        MaskRCNNCfg, FasterRCNNCfg, TwoStageDetectorCfg, DetDataPreprocessorCfg,
+        ResNetCfg, SwinTransformerCfg, FPNCfg, RPNHeadCfg, AnchorGeneratorCfg, DeltaXYWHBBoxCoderCfg,
+        StandardRoIHeadCfg, SingleRoIExtractorCfg, RoIAlignCfg,
+        ConvFCBBoxHeadCfg, Shared2FCBBoxHeadCfg, Shared4Conv1FCBBoxHeadCfg, FCNMaskHeadCfg,
+        CrossEntropyLossCfg, L1LossCfg, SmoothL1LossCfg,
+        MaxIoUAssignerCfg, RandomSamplerCfg,
+    )
+}
+
+
+# ----------------------------------------------------------------------------- parsing
+def _where(path: str, source: str) -> str:
+    return f"'{path}' in {source}"
+
+
+def _options(ann) -> list:
+    origin = typing.get_origin(ann)
+    if origin in (Union, types.UnionType):
+        return list(typing.get_args(ann))
+    return [ann]
+
+
+def _convert(value: Any, ann: Any, path: str, source: str) -> Any:
+    opts = _options(ann)
+    if value is None:
+        if type(None) in opts:
+            return None
+        raise ConfigError(f"{_where(path, source)} must not be null")
+    cfg_opts = [o for o in opts if isinstance(o, type) and issubclass(o, Cfg)]
+    if isinstance(value, Mapping) and cfg_opts:
+        return _parse_cfg(value, cfg_opts[0], path, source)
+    if isinstance(value, list | tuple):
+        tuple_opts = [o for o in opts if typing.get_origin(o) is tuple or o is tuple]
+        for o in tuple_opts:
+            args = [a for a in typing.get_args(o) if a is not Ellipsis]
+            if args and isinstance(args[0], type) and issubclass(args[0], Cfg):
+                return tuple(_parse_cfg(v, args[0], f"{path}.{i}", source)
+                             for i, v in enumerate(value))
+            return _freeze(value)
+        if Any in opts or ann is Any:
+            return _freeze(value)
+        raise ConfigError(f"{_where(path, source)} must not be a list (got {value!r})")
+    if isinstance(value, Mapping):
+        if FrozenMap in opts or Any in opts:
+            return FrozenMap(value)
+        raise ConfigError(f"{_where(path, source)} must not be a mapping (got {dict(value)!r})")
+    if float in opts and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _parse_cfg(d: Mapping, expected: type[Cfg], path: str, source: str) -> Cfg:
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{_where(path, source)} must be a mapping, got {type(d).__name__}")
+    cls = expected
+    base = next((b for b in expected.__mro__ if b in _TYPED_BASES), None)
+    if base is not None:  # a module config: ``type`` picks the dataclass from the table
+        if "type" in d:
+            tname = d["type"]
+            if tname not in TYPE_TABLE:
+                raise ConfigError(
+                    f"unknown type '{tname}' at {_where(path + '.type', source)}; "
+                    f"supported: {sorted(TYPE_TABLE)}")
+            cls = TYPE_TABLE[tname]
+            if not issubclass(cls, base):
+                raise ConfigError(f"type '{tname}' is not allowed at {_where(path, source)} "
+                                  f"(expects a {base.__name__.removesuffix('Cfg')})")
+        elif expected.TYPE is None:
+            allowed = [k for k, v in TYPE_TABLE.items() if issubclass(v, base)]
+            raise ConfigError(f"{_where(path or '<top>', source)} needs a 'type' key (one of {allowed})")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in d.items():
+        if key == "type" and base is not None:
+            continue
+        if key not in names:
+            raise ConfigError(f"unknown key {_where(f'{path}.{key}' if path else key, source)} "
+                              f"for {cls.TYPE or cls.__name__}; known keys: {sorted(names)}")
+        kwargs[key] = _convert(value, hints[key], f"{path}.{key}" if path else key, source)
+    return cls(**kwargs)
+
+
+_TYPED_BASES = (BackboneCfg, NeckCfg, DenseHeadCfg, RoIHeadCfg, BBoxHeadCfg, MaskHeadCfg,
+                RoIExtractorCfg, RoILayerCfg, PriorGeneratorCfg, BBoxCoderCfg, LossCfg,
+                AssignerCfg, SamplerCfg, DetectorCfg, PreprocessorCfg)
+
+
+def parse_model_config(d: Mapping, source: str = "<dict>") -> TwoStageDetectorCfg:
+    """Parse a visdet model dict (with ``type: MaskRCNN`` ...) into dataclasses.
+
+    visdet's ``TwoStageDetector`` forces ``rpn_head.num_classes = 1`` and hands
+    ``train_cfg.rpn``/``test_cfg.rpn`` to the RPN head and ``*.rcnn`` to the RoI
+    head; we do the same here so each module config is complete on its own.
+    """
+    if "model" in d and "type" not in d:
+        d = d["model"]
+    cfg = _parse_cfg(d, DetectorCfg, "", source)
+    if cfg.rpn_head is not None:
+        cfg = dataclasses.replace(cfg, rpn_head=dataclasses.replace(
+            cfg.rpn_head, num_classes=1,
+            train_cfg=cfg.train_cfg.rpn if cfg.train_cfg else cfg.rpn_head.train_cfg,
+            test_cfg=cfg.test_cfg.rpn if cfg.test_cfg else cfg.rpn_head.test_cfg))
+    if cfg.roi_head is not None:
+        cfg = dataclasses.replace(cfg, roi_head=dataclasses.replace(
+            cfg.roi_head,
+            train_cfg=cfg.train_cfg.rcnn if cfg.train_cfg else cfg.roi_head.train_cfg,
+            test_cfg=cfg.test_cfg.rcnn if cfg.test_cfg else cfg.roi_head.test_cfg))
+    return cfg
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A preset name (``mask_rcnn_r50``) or a path to a visdet YAML file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        return p
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    raise ConfigError(f"'{name_or_path}' is neither a config file nor a preset; "
+                      f"presets: {list_presets()}")
+
+
+def load_config(name_or_path: str | Path, **overrides) -> TwoStageDetectorCfg:
+    """Read a visdet YAML model config (or a preset name) once into dataclasses."""
+    path = resolve_config_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping at top level, got {type(data).__name__}")
+    cfg = parse_model_config(data, str(path))
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+# ---------------------------------------------------------------------------- writing
+def to_dict(cfg: Any) -> Any:
+    """A config back in visdet's schema: plain dicts/lists with ``type`` keys."""
+    if isinstance(cfg, Cfg):
+        out = {"type": cfg.TYPE} if cfg.TYPE else {}
+        for f in dataclasses.fields(cfg):
+            out[f.name] = to_dict(getattr(cfg, f.name))
+        return out
+    if isinstance(cfg, Mapping):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, tuple | list):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def dump_yaml(cfg: Cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

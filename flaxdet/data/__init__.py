@@ -1,0 +1,1 @@
+"""Data loading and transforms (numpy + OpenCV; no JAX import)."""

@@ -1,0 +1,95 @@
+"""TwoStageDetector / FasterRCNN / MaskRCNN (visdet ``models/detectors/two_stage.py``).
+
+``predict`` is one static-shape function of (images, img_shapes, scale_factors) -> padded detections,
+meant to run under ``nnx.jit``/``jax.jit``. Static shapes: the batch's padded size (a multiple of
+``pad_size_divisor`` -- visdet's own padding, so it is also the shape bucket), proposals per image
+(``test_cfg.rpn.max_per_img``), detections per image (``test_cfg.rcnn.max_per_img``) and the mask
+canvas (``canvas_hw``). Every padded output carries a ``valid`` mask.
+"""
+from __future__ import annotations
+
+from flax import nnx
+
+from flaxdet.config import TwoStageDetectorCfg
+from flaxdet.models.backbones.resnet import ResNet
+from flaxdet.models.data_preprocessors.data_preprocessor import DetDataPreprocessor
+from flaxdet.models.dense_heads.rpn_head import RPNHead
+from flaxdet.models.necks.fpn import FPN
+from flaxdet.models.roi_heads.standard_roi_head import StandardRoIHead
+
+BACKBONES = {"ResNet": ResNet}
+NECKS = {"FPN": FPN}
+RPN_HEADS = {"RPNHead": RPNHead}
+ROI_HEADS = {"StandardRoIHead": StandardRoIHead}
+
+
+def _build(table, cfg, what, rngs):
+    if cfg.TYPE not in table:
+        raise ValueError(f"{what} type {cfg.TYPE!r} is not supported by flaxdet (have {sorted(table)})")
+    return table[cfg.TYPE](cfg, rngs=rngs)
+
+
+class TwoStageDetector(nnx.Module):
+    def __init__(self, cfg: TwoStageDetectorCfg, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.data_preprocessor = DetDataPreprocessor(cfg.data_preprocessor)
+        self.backbone = _build(BACKBONES, cfg.backbone, "backbone", rngs)
+        self.neck = _build(NECKS, cfg.neck, "neck", rngs) if cfg.neck is not None else None
+        self.rpn_head = _build(RPN_HEADS, cfg.rpn_head, "rpn_head", rngs)
+        self.roi_head = _build(ROI_HEADS, cfg.roi_head, "roi_head", rngs)
+
+    def extract_feat(self, x):
+        feats = self.backbone(x)
+        return feats, (self.neck(feats) if self.neck is not None else feats)
+
+    def predict(self, images, img_shapes, scale_factors, canvas_hw=None, rescale=True, with_stages=False):
+        """images (N, Hp, Wp, 3) uint8 (BGR, zero padded); img_shapes (N, 2) int; scale_factors (N, 4).
+        Returns dict bboxes/scores/labels/valid (N, D, ...) [+ masks (N, D, *canvas_hw)], and the
+        stage dict when ``with_stages``."""
+        x = self.data_preprocessor(images, img_shapes)
+        feats, neck = self.extract_feat(x)
+        stages = {"preprocessed": x}
+        stages.update({f"backbone.{i}": f for i, f in enumerate(feats)})
+        stages.update({f"neck.{i}": f for i, f in enumerate(neck)})
+        dets, head_stages = self.predict_heads(neck, img_shapes, scale_factors, canvas_hw, rescale)
+        stages.update(head_stages)
+        return (dets, stages) if with_stages else dets
+
+    def predict_heads(self, neck, img_shapes, scale_factors, canvas_hw=None, rescale=True, proposals=None):
+        """RPN (unless ``proposals=(bboxes (N,P,4), valid (N,P))``) + RoI head on FPN features."""
+        stages = {}
+        if proposals is None:
+            cls, reg = self.rpn_head(neck)
+            for lvl, (c, r) in enumerate(zip(cls, reg)):
+                stages[f"rpn_head.cls_score.{lvl}"] = c
+                stages[f"rpn_head.bbox_pred.{lvl}"] = r
+            boxes, scores, valid = self.rpn_head.predict_by_feat(cls, reg, img_shapes)
+            stages.update({"proposals.bboxes": boxes, "proposals.scores": scores, "proposals.valid": valid})
+        else:
+            boxes, valid = proposals
+        dets, s = self.roi_head.predict_bbox(neck, boxes, valid, img_shapes, scale_factors, rescale)
+        stages.update(s)
+        if self.roi_head.with_mask:
+            if canvas_hw is None:
+                raise ValueError("Mask R-CNN predict needs canvas_hw (the static mask canvas size)")
+            dets, s = self.roi_head.predict_mask(neck, dets, scale_factors, canvas_hw, rescale)
+            stages.update(s)
+        stages.update({f"det.{k}": v for k, v in dets.items()})
+        return dets, stages
+
+
+class FasterRCNN(TwoStageDetector):
+    pass
+
+
+class MaskRCNN(TwoStageDetector):
+    pass
+
+
+DETECTORS = {"TwoStageDetector": TwoStageDetector, "FasterRCNN": FasterRCNN, "MaskRCNN": MaskRCNN}
+
+
+def build_detector(cfg: TwoStageDetectorCfg, seed: int = 0) -> TwoStageDetector:
+    if cfg.TYPE not in DETECTORS:
+        raise ValueError(f"detector type {cfg.TYPE!r} is not supported (have {sorted(DETECTORS)})")
+    return DETECTORS[cfg.TYPE](cfg, rngs=nnx.Rngs(seed))

@@ -1,0 +1,40 @@
+"""ConvModule and norm layers, mirroring visdet's ``visdet.cv.cnn`` bricks (keys ``conv``, ``bn``/``gn``)."""
+from __future__ import annotations
+
+from flax import nnx
+
+from flaxdet.config import NormCfg
+from flaxdet.nn import BatchNorm2d, Conv2d, GroupNorm, relu
+
+
+def norm_layer(norm_cfg, num_features, rngs):
+    cfg = norm_cfg if isinstance(norm_cfg, NormCfg) else NormCfg(**dict(norm_cfg))
+    if cfg.type in ("BN", "BN2d", "SyncBN"):
+        return "bn", BatchNorm2d(num_features, eps=cfg.eps, momentum=cfg.momentum, rngs=rngs)
+    if cfg.type == "GN":
+        return "gn", GroupNorm(dict(norm_cfg).get("num_groups", 32), num_features, eps=cfg.eps, rngs=rngs)
+    raise ValueError(f"unsupported norm type {cfg.type!r} (supported: BN, SyncBN, GN)")
+
+
+class ConvModule(nnx.Module):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias="auto", conv_cfg=None, norm_cfg=None, act_cfg=(("type", "ReLU"),), inplace=True,
+                 *, rngs: nnx.Rngs):
+        act = dict(act_cfg) if act_cfg is not None else None
+        if act is not None and act.get("type") != "ReLU":
+            raise ValueError(f"unsupported act_cfg {act!r} (only ReLU)")
+        self.with_activation = act is not None
+        self.norm_name = None
+        if bias == "auto":
+            bias = norm_cfg is None
+        self.conv = Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                           bias=bias, rngs=rngs)
+        if norm_cfg is not None:
+            self.norm_name, norm = norm_layer(norm_cfg, out_channels, rngs)
+            setattr(self, self.norm_name, norm)
+
+    def __call__(self, x):
+        x = self.conv(x)
+        if self.norm_name is not None:
+            x = getattr(self, self.norm_name)(x)
+        return relu(x) if self.with_activation else x

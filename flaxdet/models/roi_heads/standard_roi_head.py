@@ -1,0 +1,67 @@
+"""StandardRoIHead (visdet ``roi_heads/standard_roi_head.py``), static-shape predict path."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flaxdet.config import StandardRoIHeadCfg
+from flaxdet.models.roi_heads.bbox_heads.convfc_bbox_head import (ConvFCBBoxHead, Shared2FCBBoxHead,
+                                                                 Shared4Conv1FCBBoxHead)
+from flaxdet.models.roi_heads.mask_heads.fcn_mask_head import FCNMaskHead
+from flaxdet.models.roi_heads.roi_extractors.single_level_roi_extractor import SingleRoIExtractor
+
+BBOX_HEADS = {"ConvFCBBoxHead": ConvFCBBoxHead, "Shared2FCBBoxHead": Shared2FCBBoxHead,
+              "Shared4Conv1FCBBoxHead": Shared4Conv1FCBBoxHead}
+
+
+def bbox2roi(bboxes):
+    """(N, P, 4) -> (N*P, 5) rows [batch_idx, x1, y1, x2, y2] (visdet ``bbox2roi`` on padded lists)."""
+    n, p, _ = bboxes.shape
+    idx = jnp.repeat(jnp.arange(n, dtype=bboxes.dtype), p)[:, None]
+    return jnp.concatenate([idx, bboxes.reshape(n * p, 4)], axis=1)
+
+
+class StandardRoIHead(nnx.Module):
+    def __init__(self, cfg: StandardRoIHeadCfg, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        if cfg.shared_head is not None:
+            raise ValueError("StandardRoIHead: shared_head is not supported")
+        self.bbox_roi_extractor = SingleRoIExtractor(cfg.bbox_roi_extractor)
+        self.bbox_head = BBOX_HEADS[cfg.bbox_head.TYPE](cfg.bbox_head, rngs=rngs)
+        self.with_mask = cfg.mask_head is not None
+        if self.with_mask:
+            self.mask_roi_extractor = SingleRoIExtractor(cfg.mask_roi_extractor)
+            self.mask_head = FCNMaskHead(cfg.mask_head, rngs=rngs)
+
+    def bbox_forward(self, feats, rois):
+        roi_feats = self.bbox_roi_extractor(feats, rois)
+        cls, reg = self.bbox_head(roi_feats)
+        return roi_feats, cls, reg
+
+    def mask_forward(self, feats, rois):
+        roi_feats = self.mask_roi_extractor(feats, rois)
+        return roi_feats, self.mask_head(roi_feats)
+
+    def predict_bbox(self, feats, proposals, proposal_valid, img_shapes, scale_factors, rescale):
+        """Returns (dets dict with (N, D, ...) arrays, stage dict)."""
+        n, p, _ = proposals.shape
+        roi_feats, cls, reg = self.bbox_forward(feats, bbox2roi(proposals))
+        bbox_rescale = rescale and not self.with_mask
+        fn = lambda r, v, c, b, s, f: self.bbox_head.predict_single(  # noqa: E731
+            r, v, c, b, s, f, self.cfg.test_cfg, bbox_rescale)
+        boxes, scores, labels, valid = jax.vmap(fn)(proposals, proposal_valid, cls.reshape(n, p, -1),
+                                                     reg.reshape(n, p, -1), img_shapes, scale_factors)
+        dets = dict(bboxes=boxes, scores=scores, labels=labels, valid=valid)
+        return dets, {"bbox_roi_extractor": roi_feats, "bbox_head.cls_score": cls, "bbox_head.bbox_pred": reg}
+
+    def predict_mask(self, feats, dets, scale_factors, canvas_hw, rescale=True):
+        n, d, _ = dets["bboxes"].shape
+        roi_feats, logits = self.mask_forward(feats, bbox2roi(dets["bboxes"]))
+        thr = self.cfg.test_cfg.mask_thr_binary
+        fn = lambda lg, b, lab, sf: self.mask_head.predict_single(lg, b, lab, sf, canvas_hw, thr, rescale)  # noqa
+        masks, boxes = jax.vmap(fn)(logits.reshape(n, d, *logits.shape[1:]), dets["bboxes"], dets["labels"],
+                                    scale_factors)
+        masks = masks & dets["valid"][:, :, None, None]
+        out = dict(dets, bboxes=jnp.where(dets["valid"][..., None], boxes, 0), masks=masks)
+        return out, {"mask_roi_extractor": roi_feats, "mask_head.mask_preds": logits}

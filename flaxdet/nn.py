@@ -1,0 +1,190 @@
+"""torch-named Flax NNX layers: the leaves carry torch's names, only the layout differs.
+
+Every layer keeps torch's attribute names for its variables (``weight``, ``bias``,
+``running_mean``, ``running_var``, ``num_batches_tracked``), so a visdet key such as
+``roi_head.bbox_head.shared_fcs.0.weight`` *is* the Flax path ``roi_head/bbox_head/shared_fcs/0/weight``.
+What differs is the memory layout (flaxdet is NHWC), declared per layer class in
+``TORCH_LAYOUT``: ``{leaf: permutation}`` with ``flax = torch.transpose(permutation)``. The
+converter uses only these two facts -- the path and the owning layer's class -- never a table
+of model keys.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+PRECISION = jax.lax.Precision.HIGHEST  # float32 parity: no reduced-precision passes on accelerators
+
+
+class Counter(nnx.Variable):
+    """Integer bookkeeping state (BatchNorm's ``num_batches_tracked``): carried, never trained."""
+
+
+def _uniform(key, shape, bound, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class Conv2d(nnx.Module):
+    """torch.nn.Conv2d on NHWC. weight (kh, kw, in/groups, out) = torch (out, in/groups, kh, kw)."""
+
+    TORCH_LAYOUT = {"weight": (2, 3, 1, 0)}
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, *, rngs: nnx.Rngs):
+        k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
+        self.stride = (stride, stride) if isinstance(stride, int) else tuple(stride)
+        self.padding = (padding, padding) if isinstance(padding, int) else tuple(padding)
+        self.dilation = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+        self.groups = groups
+        fan_in = in_channels // groups * k[0] * k[1]
+        bound = 1 / math.sqrt(fan_in)  # torch's default init (kaiming_uniform a=sqrt(5))
+        self.weight = nnx.Param(_uniform(rngs.params(), (*k, in_channels // groups, out_channels), bound))
+        self.bias = nnx.Param(_uniform(rngs.params(), (out_channels,), bound)) if bias else None
+
+    def __call__(self, x):
+        y = jax.lax.conv_general_dilated(
+            x, self.weight[...].astype(x.dtype), window_strides=self.stride,
+            padding=[(p, p) for p in self.padding], rhs_dilation=self.dilation,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups,
+            precision=PRECISION)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+class ConvTranspose2d(nnx.Module):
+    """torch.nn.ConvTranspose2d with kernel_size == stride (no overlap), as FCNMaskHead's upsample:
+    out[n, s*i+a, s*j+b, o] = bias[o] + sum_c x[n,i,j,c] * W[c,o,a,b]. weight (kh, kw, in, out)."""
+
+    TORCH_LAYOUT = {"weight": (2, 3, 0, 1)}
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride, bias=True, *, rngs: nnx.Rngs):
+        if kernel_size != stride:
+            raise ValueError("ConvTranspose2d: only kernel_size == stride (non-overlapping) is supported")
+        self.kernel_size = self.stride = stride
+        bound = 1 / math.sqrt(out_channels * kernel_size * kernel_size)
+        self.weight = nnx.Param(_uniform(rngs.params(), (stride, stride, in_channels, out_channels), bound))
+        self.bias = nnx.Param(_uniform(rngs.params(), (out_channels,), bound)) if bias else None
+
+    def __call__(self, x):
+        n, h, w, _ = x.shape
+        s = self.stride
+        y = jnp.einsum("nijc,abco->niajbo", x, self.weight[...].astype(x.dtype), precision=PRECISION)
+        y = y.reshape(n, h * s, w * s, -1)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+class Linear(nnx.Module):
+    """torch.nn.Linear. weight (in, out) = torch (out, in)."""
+
+    TORCH_LAYOUT = {"weight": (1, 0)}
+
+    def __init__(self, in_features, out_features, bias=True, *, rngs: nnx.Rngs):
+        bound = 1 / math.sqrt(in_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nnx.Param(_uniform(rngs.params(), (in_features, out_features), bound))
+        self.bias = nnx.Param(_uniform(rngs.params(), (out_features,), bound)) if bias else None
+
+    def __call__(self, x):
+        y = jnp.matmul(x, self.weight[...].astype(x.dtype), precision=PRECISION)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+class BatchNorm2d(nnx.Module):
+    """torch.nn.BatchNorm2d over the last axis. visdet runs every BN in eval mode (norm_eval=True),
+    in training too: y = x * alpha + beta with alpha = weight / sqrt(var + eps) (torch's CPU form)."""
+
+    TORCH_LAYOUT: dict = {}
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, *, rngs: nnx.Rngs | None = None):
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.weight = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.running_mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.running_var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        self.num_batches_tracked = Counter(jnp.zeros((), jnp.int32))
+
+    def __call__(self, x):
+        invstd = jax.lax.rsqrt(self.running_var[...] + self.eps)
+        alpha = invstd * self.weight[...]
+        beta = self.bias[...] - self.running_mean[...] * alpha
+        return x * alpha.astype(x.dtype) + beta.astype(x.dtype)
+
+
+class GroupNorm(nnx.Module):
+    TORCH_LAYOUT: dict = {}
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, *, rngs: nnx.Rngs | None = None):
+        self.num_groups, self.eps = num_groups, eps
+        self.weight = nnx.Param(jnp.ones((num_channels,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_channels,), jnp.float32))
+
+    def __call__(self, x):
+        shape = x.shape
+        g = x.reshape(*shape[:-1], self.num_groups, shape[-1] // self.num_groups)
+        axes = tuple(range(1, g.ndim - 2)) + (g.ndim - 1,)
+        mean = g.mean(axes, keepdims=True)
+        var = ((g - mean) ** 2).mean(axes, keepdims=True)
+        g = (g - mean) * jax.lax.rsqrt(var + self.eps)
+        return g.reshape(shape) * self.weight[...] + self.bias[...]
+
+
+class LayerNorm(nnx.Module):
+    TORCH_LAYOUT: dict = {}
+
+    def __init__(self, normalized_shape, eps=1e-5, *, rngs: nnx.Rngs | None = None):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((normalized_shape,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((normalized_shape,), jnp.float32))
+
+    def __call__(self, x):
+        mean = x.mean(-1, keepdims=True)
+        var = ((x - mean) ** 2).mean(-1, keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.weight[...] + self.bias[...]
+
+
+class Sequential(nnx.List):
+    """torch.nn.Sequential: children at integer indices (keys ``downsample.0``, ``layer1.0`` ...)."""
+
+    def __init__(self, *layers):
+        super().__init__(list(layers))
+
+    def __call__(self, x):
+        for layer in self:
+            x = layer(x)
+        return x
+
+
+def relu(x):
+    return jnp.maximum(x, 0)
+
+
+def max_pool2d(x, kernel_size, stride, padding=0):
+    """torch.nn.MaxPool2d on NHWC (implicit -inf padding)."""
+    return jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max, (1, kernel_size, kernel_size, 1), (1, stride, stride, 1),
+        [(0, 0), (padding, padding), (padding, padding), (0, 0)])
+
+
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    """torch F.interpolate(mode='nearest', size=...) source indices (static)."""
+    if out_size == 2 * in_size:
+        return np.arange(out_size) >> 1
+    scale = np.float32(in_size) / np.float32(out_size)
+    return np.minimum(np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64), in_size - 1)
+
+
+def interpolate_nearest(x, size):
+    """F.interpolate(x, size=(h, w), mode='nearest') on NHWC with static sizes."""
+    h, w = size
+    x = jnp.take(x, nearest_indices(x.shape[1], h), axis=1)
+    return jnp.take(x, nearest_indices(x.shape[2], w), axis=2)
