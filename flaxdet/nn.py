@@ -164,6 +164,13 @@ class Sequential(nnx.List):
         return x
 
 
+def exact_div(x, y):
+    """``x / y`` with IEEE division. XLA rewrites ``x / broadcast(c)`` into ``x * (1/c)``, which is
+    off by an ulp from torch; hiding the broadcast behind an optimization barrier keeps the divide."""
+    y = jnp.broadcast_to(jnp.asarray(y, x.dtype), jnp.broadcast_shapes(jnp.shape(x), jnp.shape(y)))
+    return x / jax.lax.optimization_barrier(y)
+
+
 def relu(x):
     return jnp.maximum(x, 0)
 

@@ -60,9 +60,3 @@ def bbox_overlaps(a, b, eps=1e-6):
     overlap = wh[..., 0] * wh[..., 1]
     union = area_a[..., :, None] + area_b[..., None, :] - overlap
     return overlap / jnp.maximum(union, eps)
-
-
-def rescale_boxes(bboxes, scale_factor):
-    """boxes / [w, h, w, h] -- FCNMaskHead's rescale to the original image."""
-    sf = jnp.asarray(scale_factor, bboxes.dtype)
-    return bboxes / jnp.concatenate([sf[..., :2], sf[..., :2]], axis=-1)[..., None, :]

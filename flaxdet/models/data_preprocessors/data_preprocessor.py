@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flaxdet.config import DetDataPreprocessorCfg
+from flaxdet.nn import exact_div
 
 
 class DetDataPreprocessor(nnx.Module):
@@ -20,7 +21,7 @@ class DetDataPreprocessor(nnx.Module):
         if self.cfg.bgr_to_rgb or self.cfg.rgb_to_bgr:
             x = x[..., ::-1]
         x = x.astype(jnp.float32)
-        x = (x - jnp.asarray(self.cfg.mean, jnp.float32)) / jnp.asarray(self.cfg.std, jnp.float32)
+        x = exact_div(x - jnp.asarray(self.cfg.mean, jnp.float32), jnp.asarray(self.cfg.std, jnp.float32))
         h, w = x.shape[1:3]
         inside = ((jnp.arange(h)[None, :, None] < img_shapes[:, 0, None, None])
                   & (jnp.arange(w)[None, None, :] < img_shapes[:, 1, None, None]))

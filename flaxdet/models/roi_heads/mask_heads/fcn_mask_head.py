@@ -7,7 +7,7 @@ from flax import nnx
 
 from flaxdet.config import FCNMaskHeadCfg
 from flaxdet.models.layers import ConvModule
-from flaxdet.nn import Conv2d, ConvTranspose2d, relu
+from flaxdet.nn import Conv2d, ConvTranspose2d, exact_div, relu
 from flaxdet.ops.mask_paste import paste_masks
 
 
@@ -49,6 +49,6 @@ class FCNMaskHead(nnx.Module):
         probs = jax.nn.sigmoid(logits)
         if rescale:
             sf = scale_factor[:2]
-            bboxes = bboxes / jnp.concatenate([sf, sf])
+            bboxes = exact_div(bboxes, jnp.concatenate([sf, sf]))
         masks = paste_masks(probs, bboxes, canvas_hw[0], canvas_hw[1], thr)
         return masks, bboxes

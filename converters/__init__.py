@@ -1,0 +1,1 @@
+"""flaxdet_converters: checkpoint I/O and visdet <-> Flax conversion."""

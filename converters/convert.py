@@ -1,0 +1,163 @@
+"""visdet state_dict <-> flaxdet (Flax NNX) parameters, by rule: rename nothing, transpose layouts.
+
+flaxdet modules keep visdet's attribute tree and torch's leaf names (:mod:`flaxdet.nn`), so the
+visdet key of a Flax variable is its graph path joined with dots::
+
+    ('roi_head', 'bbox_head', 'shared_fcs', 0, 'weight')  <->  roi_head.bbox_head.shared_fcs.0.weight
+
+and the only transformation is the layout permutation its owning layer declares in
+``TORCH_LAYOUT`` (Conv2d OIHW -> HWIO, Linear (out,in) -> (in,out), ConvTranspose2d IOHW -> HWIO).
+There is no per-model key table and nothing is matched by position.
+
+Key accounting is strict: every source key is used exactly once, every Flax variable is filled,
+shapes are checked after the transpose. :class:`ConversionReport` lists converted / missing /
+unexpected / misshapen keys; :func:`load_visdet_state_dict` raises :class:`ConversionError` (and
+changes nothing in the model) unless ``strict=False``.
+
+``key_dialect="mmdet"`` accepts upstream MMDetection-3.x spellings where visdet renamed a key
+(Swin ``patch_embed.projection`` -> visdet ``patch_embed.proj``).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flaxdet.nn import Counter
+
+# Upstream MMDetection spellings of keys visdet renamed: (mmdet fragment, visdet fragment).
+MMDET_RENAMES = ((".patch_embed.projection.", ".patch_embed.proj."),)
+# visdet/torch dtypes of non-float state on export (JAX keeps int32 unless x64 is enabled).
+EXPORT_DTYPES = {Counter: np.int64}
+
+
+class ConversionError(ValueError):
+    """The checkpoint does not fit the model: see ``report``."""
+
+    def __init__(self, message, report: "ConversionReport"):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class ConversionReport:
+    converted: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # model variables with no checkpoint key
+    unexpected: list[str] = field(default_factory=list)  # checkpoint keys the model has no place for
+    misshapen: list[str] = field(default_factory=list)  # "key: checkpoint (..) -> flax (..) vs model (..)"
+    renamed: list[str] = field(default_factory=list)  # "mmdet key -> visdet key" (key_dialect="mmdet")
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.misshapen)
+
+    def summary(self, limit: int = 10) -> str:
+        def show(name, xs):
+            more = f" ... (+{len(xs) - limit} more)" if len(xs) > limit else ""
+            return f"  {name} ({len(xs)}): " + ", ".join(xs[:limit]) + more
+
+        lines = [f"converted {len(self.converted)} keys"]
+        for name in ("missing", "unexpected", "misshapen", "renamed"):
+            xs = getattr(self, name)
+            if xs:
+                lines.append(show(name, xs))
+        return "\n".join(lines)
+
+    def as_dict(self):
+        return {k: list(getattr(self, k)) for k in ("converted", "missing", "unexpected", "misshapen", "renamed")}
+
+
+def torch_key(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def flax_variables(model: nnx.Module):
+    """Yield (visdet key, variable, owning layer) for every variable in ``model``, in graph order."""
+    modules = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Module | nnx.List):
+            modules[tuple(path)] = node
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Variable):
+            owner = modules.get(tuple(path[:-1]))
+            yield torch_key(path), node, owner
+
+
+def _layout(owner, leaf: str):
+    return getattr(type(owner), "TORCH_LAYOUT", {}).get(leaf)
+
+
+def _normalise_keys(state_dict, key_dialect, report):
+    if key_dialect == "visdet":
+        return state_dict
+    if key_dialect != "mmdet":
+        raise ValueError(f"key_dialect must be 'visdet' or 'mmdet', got {key_dialect!r}")
+    out = OrderedDict()
+    for k, v in state_dict.items():
+        new = "." + k
+        for a, b in MMDET_RENAMES:
+            new = new.replace(a, b)
+        new = new[1:]
+        if new != k:
+            report.renamed.append(f"{k} -> {new}")
+        out[new] = v
+    return out
+
+
+def load_visdet_state_dict(model: nnx.Module, state_dict: dict, strict: bool = True,
+                           key_dialect: str = "visdet") -> ConversionReport:
+    """Fill ``model`` from a visdet state_dict (numpy arrays). All-or-nothing when strict."""
+    report = ConversionReport()
+    sd = _normalise_keys(state_dict, key_dialect, report)
+    used, updates = set(), []
+    for key, var, owner in flax_variables(model):
+        if key not in sd:
+            report.missing.append(key)
+            continue
+        used.add(key)
+        src = np.asarray(sd[key])
+        perm = _layout(owner, key.rsplit(".", 1)[-1])
+        arr = np.transpose(src, perm) if perm is not None and src.ndim == len(perm) else src
+        target_shape = tuple(var.get_value().shape)
+        if arr.shape != target_shape or (perm is not None and src.ndim != len(perm)):
+            report.misshapen.append(f"{key}: checkpoint {tuple(src.shape)} vs model "
+                                    f"{_torch_shape(target_shape, perm)}")
+            continue
+        updates.append((var, jnp.asarray(arr, dtype=var.get_value().dtype)))
+        report.converted.append(key)
+    report.unexpected = [k for k in sd if k not in used]
+    if strict and not report.ok:
+        raise ConversionError(
+            f"checkpoint does not fit {type(model).__name__} built from the config:\n{report.summary()}\n"
+            "  (wrong architecture or config? pass strict=False / --no-strict to convert what fits)", report)
+    for var, value in updates:
+        var.set_value(value)
+    return report
+
+
+def _torch_shape(flax_shape, perm):
+    if perm is None:
+        return tuple(flax_shape)
+    inv = np.argsort(perm)
+    return tuple(int(flax_shape[i]) for i in inv)
+
+
+def export_visdet_state_dict(model: nnx.Module, key_order=None) -> "OrderedDict[str, np.ndarray]":
+    """flaxdet model -> visdet state_dict (numpy, torch layouts and dtypes). ``key_order`` (e.g. the
+    source checkpoint's) fixes the order of keys; unknown names are appended in graph order."""
+    out = OrderedDict()
+    for key, var, owner in flax_variables(model):
+        arr = np.asarray(var.get_value())
+        perm = _layout(owner, key.rsplit(".", 1)[-1])
+        if perm is not None:
+            arr = np.transpose(arr, np.argsort(perm))
+        dtype = EXPORT_DTYPES.get(type(var))
+        out[key] = np.array(arr, dtype=dtype if dtype is not None else arr.dtype, order="C")
+    if key_order:
+        ordered = OrderedDict((k, out[k]) for k in key_order if k in out)
+        ordered.update((k, v) for k, v in out.items() if k not in ordered)
+        return ordered
+    return out

@@ -1,0 +1,109 @@
+"""A converted flaxdet model on disk: a directory that carries everything needed to use it.
+
+    DIR/
+      config.yaml          the model config in visdet's YAML schema (so it can go back to visdet)
+      meta.json            class names, source checkpoint, key order, conversion report, format
+      params/              orbax checkpoint of the model's variables   (format "orbax", default)
+      model.safetensors    flat file, visdet key names, torch layouts  (format "safetensors")
+
+Writes are atomic: everything is written into a temporary sibling directory which replaces DIR
+only when complete, so an interrupted or failed write never leaves a half-written model and
+never destroys an existing one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from flaxdet.config import dump_yaml, load_config
+from flaxdet.models.detectors.two_stage import build_detector
+
+FORMATS = ("orbax", "safetensors")
+
+
+class ModelDirError(ValueError):
+    pass
+
+
+def _live_variables(model):
+    from flaxdet_converters.convert import flax_variables
+
+    return {key: var for key, var, _ in flax_variables(model)}
+
+
+def _flat_state(model):
+    """{visdet key: array in flax layout} -- the orbax tree (keys are the visdet names)."""
+    return {k: np.asarray(v.get_value()) for k, v in _live_variables(model).items()}
+
+
+def save_model_dir(out_dir, model, classes=None, meta=None, fmt="orbax", overwrite=False):
+    """Write ``model`` (+ its config and class names) to ``out_dir`` atomically."""
+    if fmt not in FORMATS:
+        raise ModelDirError(f"unknown format {fmt!r} (choose from {FORMATS})")
+    out = Path(out_dir)
+    if out.exists() and not overwrite and any(out.iterdir()):
+        raise ModelDirError(f"{out} exists and is not empty (use --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        (tmp / "config.yaml").write_text(dump_yaml(model.cfg))
+        info = dict(meta or {}, classes=list(classes) if classes is not None else None, format=fmt,
+                    flaxdet_version=__import__("flaxdet").__version__)
+        (tmp / "meta.json").write_text(json.dumps(info, indent=1))
+        if fmt == "orbax":
+            import orbax.checkpoint as ocp
+
+            with ocp.StandardCheckpointer() as ckptr:
+                ckptr.save((tmp / "params").absolute(), _flat_state(model))
+        else:
+            from flaxdet_converters.checkpoint_io import save_checkpoint
+            from flaxdet_converters.convert import export_visdet_state_dict
+
+            save_checkpoint(tmp / "model.safetensors", export_visdet_state_dict(model, info.get("key_order")))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_model_dir(path, seed=0):
+    """Returns (model, classes, meta) from a directory written by :func:`save_model_dir`."""
+    p = Path(path)
+    if not (p / "config.yaml").is_file() or not (p / "meta.json").is_file():
+        raise ModelDirError(f"{p} is not a flaxdet model directory (no config.yaml/meta.json); "
+                            "create one with `flaxdet convert`")
+    meta = json.loads((p / "meta.json").read_text())
+    model = build_detector(load_config(p / "config.yaml"), seed)
+    if meta.get("format") == "safetensors":
+        from flaxdet_converters.checkpoint_io import load_checkpoint
+        from flaxdet_converters.convert import load_visdet_state_dict
+
+        load_visdet_state_dict(model, load_checkpoint(p / "model.safetensors").state_dict)
+    else:
+        import orbax.checkpoint as ocp
+
+        target = _flat_state(model)
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore((p / "params").absolute(), target)
+        missing = sorted(set(target) - set(restored))
+        if missing:
+            raise ModelDirError(f"{p}/params lacks {len(missing)} variables, e.g. {missing[:3]}")
+        live = _live_variables(model)
+        for key, arr in restored.items():
+            var = live[key]
+            if tuple(arr.shape) != tuple(var.get_value().shape):
+                raise ModelDirError(f"{p}: {key} has shape {arr.shape}, model expects {var.get_value().shape}")
+            var.set_value(np.asarray(arr))
+    return model, meta.get("classes"), meta
