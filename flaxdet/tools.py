@@ -1,0 +1,224 @@
+"""The user-facing jobs behind the CLI: convert, export, parity, infer (importable, testable)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from flaxdet.config import ConfigError, dump_yaml, load_config, parse_model_config
+
+
+def _config_for(checkpoint, config):
+    """The config named by the user, else the one a runner checkpoint carries in meta.cfg."""
+    if config is not None:
+        return load_config(config)
+    if checkpoint.model_cfg is not None:
+        return parse_model_config(checkpoint.model_cfg, f"{checkpoint.path} (meta.cfg)")
+    raise ConfigError(f"{checkpoint.path} carries no model config (meta.cfg); pass --config "
+                      "(a preset name such as mask_rcnn_r50, or a visdet YAML file)")
+
+
+def convert_checkpoint(ckpt_path, config=None, out=None, fmt="orbax", strict=True, key_dialect="visdet",
+                       overwrite=False, log=print):
+    """visdet checkpoint -> flaxdet model dir. Returns (out_dir, report). Writes nothing on failure."""
+    from flaxdet.checkpoint import save_model_dir
+    from flaxdet.models.detectors.two_stage import build_detector
+    from flaxdet_converters.checkpoint_io import load_checkpoint
+    from flaxdet_converters.convert import load_visdet_state_dict
+
+    ck = load_checkpoint(ckpt_path)
+    for w in getattr(ck, "warnings", []) or []:
+        log(f"warning: {w}")
+    cfg = _config_for(ck, config)
+    model = build_detector(cfg)
+    report = load_visdet_state_dict(model, ck.state_dict, strict=strict, key_dialect=key_dialect)
+    meta = dict(source=str(ckpt_path), source_format=ck.source_format, key_order=list(ck.state_dict),
+                report=report.as_dict())
+    out_dir = save_model_dir(out, model, ck.classes, meta, fmt=fmt, overwrite=overwrite)
+    return out_dir, report
+
+
+def export_model_dir(model_dir, out, log=print):
+    """flaxdet model dir -> visdet checkpoint (.pth runner-style with classes, or .safetensors)."""
+    from flaxdet.checkpoint import load_model_dir
+    from flaxdet_converters.checkpoint_io import save_checkpoint
+    from flaxdet_converters.convert import export_visdet_state_dict
+
+    model, classes, meta = load_model_dir(model_dir)
+    sd = export_visdet_state_dict(model, meta.get("key_order"))
+    extra = {"flaxdet_export": {"config_yaml": dump_yaml(model.cfg)}}
+    save_checkpoint(out, sd, classes=classes, meta=extra if str(out).endswith(".pth") else None)
+    return Path(out), len(sd)
+
+
+def load_any_model(checkpoint, config=None):
+    """A flaxdet model dir, or a visdet checkpoint (+ config) converted in memory."""
+    from flaxdet.checkpoint import load_model_dir
+    from flaxdet.models.detectors.two_stage import build_detector
+    from flaxdet_converters.checkpoint_io import load_checkpoint
+    from flaxdet_converters.convert import load_visdet_state_dict
+
+    p = Path(checkpoint)
+    if p.is_dir():
+        model, classes, _ = load_model_dir(p)
+        return model, classes
+    ck = load_checkpoint(p)
+    model = build_detector(_config_for(ck, config))
+    load_visdet_state_dict(model, ck.state_dict)
+    return model, ck.classes
+
+
+def run_parity(config, checkpoint, image, against="reference", out_dir="parity_out", scale=(1333, 800),
+               log=print):
+    """Run flaxdet and the PyTorch side on one image; returns (rows, report dict)."""
+    import jax
+
+    from flaxdet.data.transforms import prepare_test_image
+    from flaxdet.inference import Detector, make_batch, unpad
+    from flaxdet.parity import format_table
+    from flaxdet.parity.harness import compare_stages, flaxdet_stages, torch_stages
+    from flaxdet.visualize import plot_parity
+    from flaxdet_converters.checkpoint_io import load_checkpoint
+
+    ck = load_checkpoint(checkpoint)
+    cfg = _config_for(ck, config)
+    img, meta = prepare_test_image(image, scale)
+    if against == "visdet":
+        theirs = _visdet_stages(cfg, checkpoint, img, meta)
+    elif against == "reference":
+        import torch
+
+        from flaxdet_reference import build_detector as build_ref
+        from flaxdet_reference.models import load_state_dict_strict
+
+        ref = build_ref(cfg)
+        load_state_dict_strict(ref, ck.state_dict, source=str(checkpoint))
+        stages = {}
+        ref.predict([torch.from_numpy(img).permute(2, 0, 1).contiguous()], [meta], stages=stages)
+        theirs = torch_stages(stages)
+    else:
+        raise ValueError(f"--against must be 'reference' or 'visdet', got {against!r}")
+    from flaxdet.models.detectors.two_stage import build_detector
+    from flaxdet_converters.convert import load_visdet_state_dict
+
+    model = build_detector(cfg)
+    load_visdet_state_dict(model, ck.state_dict)
+    det = Detector(model, ck.classes)
+    batch = make_batch([img], [meta], cfg.data_preprocessor.pad_size_divisor)
+    dets, stages = det.predict_batch(batch, with_stages=True)
+    dets, stages = jax.device_get((dets, stages))
+    ours = flaxdet_stages(stages, unpad(dets, batch)[0])
+    rows = compare_stages(ours, theirs)
+    table = format_table(rows)
+    log(table)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = dict(config=str(config), checkpoint=str(checkpoint), image=str(image), against=against,
+                  img_shape=list(meta["img_shape"]), ori_shape=list(meta["ori_shape"]),
+                  passed=all(r.passed for r in rows), stages=[r.as_dict() for r in rows])
+    (out / "parity.json").write_text(json.dumps(report, indent=1, default=float))
+    plot_parity(rows, out / "parity.png", f"flaxdet vs {against}: {Path(image).name}")
+    log(f"\n{'PASS' if report['passed'] else 'FAIL'}: {sum(r.passed for r in rows)}/{len(rows)} checks; "
+        f"report {out / 'parity.json'}, plot {out / 'parity.png'}")
+    return rows, report
+
+
+def _visdet_stages(cfg, checkpoint, img, meta):
+    """Hook the user's installed visdet (same module names as reference/, so the same stages)."""
+    try:
+        import torch
+        from visdet.apis import init_detector  # noqa: F401
+    except Exception as e:  # ImportError or a broken install
+        raise SystemExit(
+            f"--against visdet: visdet is not importable here ({type(e).__name__}: {e}).\n"
+            "Install visdet in this environment, or use --against reference (flaxdet's PyTorch mirror of "
+            "visdet, itself checked against recorded visdet outputs).") from None
+    import tempfile
+
+    from flaxdet.config import to_dict
+
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(f"model = {to_dict(cfg)!r}\n")
+    model = init_detector(f.name, str(checkpoint), device="cpu")
+    stages, hooks = {}, []
+
+    def keep(name):
+        def hook(_m, _i, out):
+            outs = out if isinstance(out, tuple | list) else (out,)
+            for i, o in enumerate(outs):
+                if hasattr(o, "detach"):
+                    stages[f"{name}.{i}" if len(outs) > 1 else name] = o.detach()
+        return hook
+
+    for name in ("backbone", "neck"):
+        hooks.append(getattr(model, name).register_forward_hook(keep(name)))
+    from visdet.apis import inference_detector
+
+    res = inference_detector(model, img)
+    for h in hooks:
+        h.remove()
+    inst = res.pred_instances
+    stages.update({"det.bboxes": inst.bboxes, "det.scores": inst.scores, "det.labels": inst.labels})
+    if hasattr(inst, "masks"):
+        stages["det.masks"] = inst.masks
+    return {k: (v.cpu().numpy() if hasattr(v, "cpu") else np.asarray(v)) for k, v in stages.items()}
+
+
+def run_infer(checkpoint, images, out_dir, config=None, scale=(1333, 800), score_thr=0.3, batch_size=1,
+              progress=True, log=print):
+    """Detect on image files; write COCO-format results JSON (+ RLE masks) and overlay PNGs."""
+    import cv2
+    from pycocotools import mask as mask_utils
+    from tqdm import tqdm
+
+    from flaxdet.data.transforms import ImageError, load_image, resize_keep_ratio
+    from flaxdet.inference import Detector
+    from flaxdet.visualize import draw_detections
+
+    model, classes = load_any_model(checkpoint, config)
+    det = Detector(model, classes)
+    out = Path(out_dir)
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    paths = [Path(p) for p in images]
+    results, images_json = [], []
+    bar = tqdm(total=len(paths), desc="infer", unit="img", disable=not progress, file=sys.stderr)
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        originals, resized, metas = [], [], []
+        for p in chunk:
+            try:
+                im = load_image(p)
+            except ImageError as e:
+                log(f"skipping: {e}")
+                bar.update(1)
+                continue
+            r, m = resize_keep_ratio(im, scale)
+            originals.append((p, im))
+            resized.append(r)
+            metas.append(m)
+        if not resized:
+            continue
+        for (p, im), d in zip(originals, det.detect(resized, metas)):
+            image_id = len(images_json) + 1
+            images_json.append(dict(id=image_id, file_name=str(p), height=im.shape[0], width=im.shape[1]))
+            for i in range(len(d["scores"])):
+                x1, y1, x2, y2 = (float(v) for v in d["bboxes"][i])
+                r = dict(image_id=image_id, category_id=int(d["labels"][i]), bbox=[x1, y1, x2 - x1, y2 - y1],
+                         score=float(d["scores"][i]))
+                if classes:
+                    r["category_name"] = classes[int(d["labels"][i])]
+                if "masks" in d:
+                    rle = mask_utils.encode(np.asfortranarray(d["masks"][i].astype(np.uint8)))
+                    rle["counts"] = rle["counts"].decode("ascii")
+                    r["segmentation"] = rle
+                results.append(r)
+            cv2.imwrite(str(out / "overlays" / f"{p.stem}.png"), draw_detections(im, d, classes, score_thr))
+            bar.update(1)
+    bar.close()
+    (out / "results.json").write_text(json.dumps(results))
+    (out / "images.json").write_text(json.dumps(dict(images=images_json, classes=classes)))
+    log(f"{len(results)} detections on {len(images_json)} image(s) -> {out / 'results.json'}; "
+        f"overlays in {out / 'overlays'}")
+    return results
