@@ -31,10 +31,12 @@ class Tol:
 # fmt: off
 TOLERANCES: dict[str, Tol] = {
     "preprocessed": Tol(0.0, "uint8 -> float32, subtract, divide, zero pad: elementwise IEEE ops, bit-identical"),
-    "backbone": Tol(1e-5, "float32 convolutions accumulate in a different order (oneDNN/XLA kernels, CPU "
-                          "vector width); observed <= 4e-6 over 50 layers"),
-    "neck": Tol(1e-5, "1x1/3x3 convs + nearest upsampling on backbone outputs; observed <= 2e-6"),
-    "rpn_head": Tol(1e-5, "two more convs; observed <= 3e-6"),
+    "backbone": Tol(5e-5, "float32 convolutions accumulate in a different order (oneDNN/XLA kernels, CPU "
+                          "vector width) and R50's 16 bottlenecks amplify it: observed at layer4 1.15e-5 "
+                          "(torch vs the recording, another CPU) and 2.9e-5 (XLA); R18 <= 4e-6"),
+    "neck": Tol(5e-5, "1x1/3x3 convs + nearest upsampling; inherits the backbone error end to end "
+                      "(observed <= 1.1e-5), <= 1.2e-6 teacher-forced"),
+    "rpn_head": Tol(5e-5, "two more convs on the neck; same inheritance (observed <= 1.1e-5)"),
     "proposals": Tol(1e-5, "decode + clip on RPN outputs: exact given identical inputs (teacher-forced: 0 "
                            "observed); end to end the inputs carry the conv error, rows may tie-flip"),
     "bbox_roi_extractor": Tol(1e-5, "RoIAlign is exact given the same boxes and features (0 observed "
@@ -50,6 +52,10 @@ TOLERANCES: dict[str, Tol] = {
                               "sampling points; observed <= 2.1e-5"),
     "e2e.det.bboxes_px": Tol(1e-2, "absolute pixels in the original image (issue contract); observed 4e-4"),
     "e2e.det.scores": Tol(1e-4, "absolute (issue contract); observed 1.1e-5"),
+    # Training (visdet's recorded step replayed with its sampled indices and proposals injected).
+    "train.loss": Tol(1e-5, "each loss term, relative; sums over up to 77k anchors in float32: observed <= 5e-7"),
+    "train.grad": Tol(1e-3, "parameter gradients, scale-relative; backprop through 20+ convs in another "
+                            "reduction order: observed <= 1.1e-4 (backbone.layer2), <= 7e-6 elsewhere"),
 }
 TIE_EPS = 2e-6  # scores at the same rank within this (absolute, scores in [0,1]) => a tie flip is allowed
 MASK_PIXELS_PER_IMAGE = 16  # max differing mask pixels per image, end to end (observed <= 4): the bilinear

@@ -196,7 +196,8 @@ def mask_loss(model, neck, s, batch):
     pv = pos_valid.reshape(-1).astype(logits.dtype)
     num = pv.sum() * size * size
     loss = (bce_with_logits(logits, targets) * pv[:, None, None]).sum() / jnp.maximum(num, 1.0)
-    stages = dict(mask_rois=mask_rois, mask_roi_feats=roi_feats, mask_preds_sel=logits, mask_targets=targets)
+    stages = dict(mask_rois=mask_rois, mask_roi_feats=roi_feats, mask_preds_sel=logits, mask_targets=targets,
+                  mask_valid=pos_valid.reshape(-1))
     return rh.mask_head.cfg.loss_mask.loss_weight * loss, stages
 
 

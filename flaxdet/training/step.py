@@ -1,0 +1,101 @@
+"""Loss/gradient evaluation and the jit-compiled train step (optax), with visdet's frozen parts.
+
+Parameters are split from the rest of the model state (BN running statistics, counters): visdet
+trains with ``norm_eval=True`` (BN always uses running stats, never updates them), so only
+``nnx.Param`` leaves are differentiated. ``frozen_stages`` parameters get no update (their
+gradients are zeroed through ``optax.masked``-style multiplication by a static mask).
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flaxdet.training.forward import loss_fn
+
+
+def split(model):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, params, rest
+
+
+def param_keys(graphdef, params, rest):
+    """{visdet key: (flat path in params, torch layout permutation or None)}."""
+    from flaxdet_converters.convert import flax_variables
+
+    m = nnx.merge(graphdef, params, rest)
+    out = {}
+    for key, var, owner in flax_variables(m):
+        if isinstance(var, nnx.Param):
+            out[key] = getattr(type(owner), "TORCH_LAYOUT", {}).get(key.rsplit(".", 1)[-1])
+    return out
+
+
+def trainable_mask(model, params):
+    """A pytree like ``params`` of 1.0 (trainable) / 0.0 (frozen by visdet's frozen_stages)."""
+    prefixes = model.backbone.frozen_prefixes() if hasattr(model.backbone, "frozen_prefixes") else ()
+    flat = nnx.to_flat_state(params)
+    leaves = []
+    for path, _ in flat:
+        frozen = len(path) > 1 and path[0] == "backbone" and str(path[1]) in prefixes
+        leaves.append((path, 0.0 if frozen else 1.0))
+    return nnx.from_flat_state(leaves)
+
+
+def loss_and_grads(model, batch, key, inject=None, with_stages=False):
+    """(logs, grads as {visdet key: numpy array in torch layout}[, stages])."""
+    graphdef, params, rest = split(model)
+
+    @jax.jit
+    def f(params, batch, key, inject):
+        def inner(p):
+            return loss_fn(nnx.merge(graphdef, p, rest), batch, key, inject, with_stages=with_stages)
+        return jax.value_and_grad(inner, has_aux=True)(params)
+
+    (_, aux), grads = f(params, batch, key, inject)
+    logs, stages = aux if with_stages else (aux, None)
+    layouts = param_keys(graphdef, params, rest)
+    flat = {".".join(str(p) for p in path): np.asarray(v.get_value() if hasattr(v, "get_value") else v)
+            for path, v in nnx.to_flat_state(grads)}
+    torch_grads = {k: (np.transpose(flat[k], np.argsort(perm)) if perm is not None else flat[k])
+                   for k, perm in layouts.items()}
+    logs = {k: float(v) for k, v in logs.items()}
+    return (logs, torch_grads, stages) if with_stages else (logs, torch_grads)
+
+
+class TrainState:
+    """params + optimizer state + rest, with a jit-compiled, buffer-donating step."""
+
+    def __init__(self, model, tx, step=0):
+        self.graphdef, self.params, self.rest = split(model)
+        self.mask = trainable_mask(model, self.params)
+        self.tx = tx
+        self.opt_state = tx.init(self.params)
+        self.step = step
+
+    def model(self):
+        return nnx.merge(self.graphdef, self.params, self.rest)
+
+    @partial(jax.jit, static_argnums=0, donate_argnums=(1, 2))
+    def _step(self, params, opt_state, rest, batch, key):
+        import optax
+
+        def inner(p):
+            return loss_fn(nnx.merge(self.graphdef, p, rest), batch, key)
+
+        (_, logs), grads = jax.value_and_grad(inner, has_aux=True)(params)
+        grads = jax.tree.map(lambda g, m: g * m, grads, self.mask)
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        updates = jax.tree.map(lambda u, m: u * m, updates, self.mask)  # weight decay must not move frozen params
+        return optax.apply_updates(params, updates), opt_state, logs
+
+    def __hash__(self):
+        return id(self)
+
+    def train_step(self, batch, key):
+        self.params, self.opt_state, logs = self._step(self.params, self.opt_state, self.rest, batch, key)
+        self.step += 1
+        return logs
