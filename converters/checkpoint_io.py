@@ -261,11 +261,13 @@ def _load_safetensors(p: Path) -> Checkpoint:
     with safe_open(str(p), "np") as f:
         meta = dict(f.metadata() or {})
         order = list(f.keys())
-    classes = None
-    if "classes" in meta:
-        import json
+    import json
 
-        classes = json.loads(meta["classes"])
+    classes = json.loads(meta["classes"]) if "classes" in meta else None
+    if "key_order" in meta:
+        stored = json.loads(meta["key_order"])
+        if sorted(stored) == sorted(order):
+            order = stored
     sd = _strip_module(OrderedDict((k, sd[k]) for k in order))
     return Checkpoint(sd, classes, meta, None, "safetensors", str(p))
 
@@ -297,7 +299,9 @@ def save_checkpoint(path, state_dict, classes=None, meta=None, format=None):
 
             from safetensors.numpy import save_file
 
-            md = {"classes": json.dumps(list(classes))} if classes is not None else None
+            md = {"key_order": json.dumps(list(arrays))}  # safetensors stores keys sorted; keep visdet's order
+            if classes is not None:
+                md["classes"] = json.dumps(list(classes))
             save_file(dict(arrays), tmp, metadata=md)
         else:
             import torch

@@ -11,7 +11,8 @@ largest magnitude is its natural scale.
 Ordered discrete outputs (proposals, detections) are compared row by row. Two float32
 pipelines that differ only in reduction order can swap rows whose scores are tied to within a
 few ulps (the goldens contain such near-ties: e.g. two proposals 3e-7 apart). A row that differs
-is accepted as a *tie flip* only when the score at that rank agrees to ``tie_eps``: then the
+is accepted as a *tie flip* only when the score at that rank agrees to the comparison's score
+tolerance (at least ``TIE_EPS``): then the
 two implementations agree on the sorted scores and differ only in which of two tied candidates
 sits at that rank. Tie flips are counted and reported; everything else must match.
 """
@@ -57,9 +58,10 @@ TOLERANCES: dict[str, Tol] = {
     "train.grad": Tol(1e-3, "parameter gradients, scale-relative; backprop through 20+ convs in another "
                             "reduction order: observed <= 1.1e-4 (backbone.layer2), <= 7e-6 elsewhere"),
 }
-TIE_EPS = 2e-6  # scores at the same rank within this (absolute, scores in [0,1]) => a tie flip is allowed
-MASK_PIXELS_PER_IMAGE = 16  # max differing mask pixels per image, end to end (observed <= 4): the bilinear
-#                             paste thresholds probabilities at 0.5; a ~1e-6 logit change flips pixels at ~0.5
+TIE_EPS = 2e-6  # minimum tie window; a comparison's own score tolerance widens it (see compare_detections)
+MASK_PIXELS_PER_IMAGE = 64  # max differing mask pixels per image (all masks), end to end. The paste thresholds
+#   bilinear probabilities at 0.5, so a ~1e-6 logit change flips pixels sitting at ~0.5. Observed: reference
+#   <= 4, flaxdet <= 15 (R50, voc_000001: 100 masks x 176k pixels, i.e. < 1e-6 of the pixels).
 # fmt: on
 
 
@@ -140,7 +142,8 @@ def compare_detections(stage: str, ours: dict, theirs: dict, box_atol: float, sc
     rows_equal = (box_err <= box_atol) & (score_err <= score_atol)
     if ol is not None:
         rows_equal &= np.asarray(ol) == np.asarray(tl)
-    ok, flips, bad = match_ranked(os_, ts, rows_equal)
+    # two candidates whose scores agree within the score tolerance may legitimately swap ranks
+    ok, flips, bad = match_ranked(os_, ts, rows_equal, tie_eps=max(TIE_EPS, score_atol))
     eq = rows_equal
     out = [
         Row(f"{stage}.order", (n,), float(len(bad)), 0.0, 0.0, ok,
