@@ -34,15 +34,23 @@ def param_keys(graphdef, params, rest):
     return out
 
 
-def trainable_mask(model, params):
-    """A pytree like ``params`` of 1.0 (trainable) / 0.0 (frozen by visdet's frozen_stages)."""
-    prefixes = model.backbone.frozen_prefixes() if hasattr(model.backbone, "frozen_prefixes") else ()
-    flat = nnx.to_flat_state(params)
-    leaves = []
-    for path, _ in flat:
-        frozen = len(path) > 1 and path[0] == "backbone" and str(path[1]) in prefixes
-        leaves.append((path, 0.0 if frozen else 1.0))
-    return nnx.from_flat_state(leaves)
+def _path_names(path):
+    return [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+
+
+def frozen_filter(model):
+    """A function (tree path) -> 0.0 for parameters visdet freezes (frozen_stages), else 1.0."""
+    prefixes = set(model.backbone.frozen_prefixes()) if hasattr(model.backbone, "frozen_prefixes") else set()
+
+    def factor(path):
+        names = _path_names(path)
+        return 0.0 if len(names) > 1 and names[0] == "backbone" and names[1] in prefixes else 1.0
+
+    return factor
+
+
+def apply_frozen(tree, factor):
+    return jax.tree_util.tree_map_with_path(lambda p, x: x * factor(p) if factor(p) != 1.0 else x, tree)
 
 
 def loss_and_grads(model, batch, key, inject=None, with_stages=False):
@@ -71,7 +79,7 @@ class TrainState:
 
     def __init__(self, model, tx, step=0):
         self.graphdef, self.params, self.rest = split(model)
-        self.mask = trainable_mask(model, self.params)
+        self.frozen = frozen_filter(model)
         self.tx = tx
         self.opt_state = tx.init(self.params)
         self.step = step
@@ -87,9 +95,9 @@ class TrainState:
             return loss_fn(nnx.merge(self.graphdef, p, rest), batch, key)
 
         (_, logs), grads = jax.value_and_grad(inner, has_aux=True)(params)
-        grads = jax.tree.map(lambda g, m: g * m, grads, self.mask)
+        grads = apply_frozen(grads, self.frozen)
         updates, opt_state = self.tx.update(grads, opt_state, params)
-        updates = jax.tree.map(lambda u, m: u * m, updates, self.mask)  # weight decay must not move frozen params
+        updates = apply_frozen(updates, self.frozen)  # weight decay must not move frozen params either
         return optax.apply_updates(params, updates), opt_state, logs
 
     def __hash__(self):

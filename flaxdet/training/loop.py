@@ -1,0 +1,211 @@
+"""`flaxdet train`: fine-tune a converted model on COCO-format data, resumably, data-parallel.
+
+* Optimizers as visdet defines them: ``sgd`` = the 1x schedule (SGD momentum 0.9, weight decay 1e-4,
+  LinearLR warm-up from 0.001 over 500 iterations, MultiStepLR x0.1 at epochs 8 and 11; lr 0.02 for
+  batch 16) and ``adamw`` = ``configs/optimizers/adamw_default.yaml`` (lr 1e-4, betas 0.9/0.999,
+  weight decay 0.05, eps 1e-8). ``frozen_stages`` parameters get no update; BN statistics never move.
+* Checkpoints (orbax) every ``ckpt_every`` steps, last ``keep`` kept: params, optimizer state and the
+  step. Data order, flips and the sampler's PRNG key are pure functions of (seed, step), so a run
+  killed at any point resumes from its last checkpoint with no lost or repeated step.
+* Data parallel: the global batch is sharded over all local devices along a ``data`` mesh axis
+  (``jax.sharding``), parameters replicated; one device works unchanged. Multi-host: call
+  ``jax.distributed.initialize()`` first in every process; the mesh then spans all processes' devices
+  and each process feeds its share of the global batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def lr_schedule(name, base_lr, steps_per_epoch, warmup_iters=500, warmup_ratio=0.001, milestones=(8, 11),
+                gamma=0.1):
+    """visdet/mmengine LinearLR warm-up (by iteration) x MultiStepLR (by epoch) for sgd; constant for adamw."""
+    if name == "adamw":
+        return lambda step: jnp.asarray(base_lr, jnp.float32)
+    bounds = [m * steps_per_epoch for m in milestones]
+
+    def sched(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = jnp.where(step < warmup_iters,
+                         warmup_ratio + (1 - warmup_ratio) * step / max(warmup_iters, 1), 1.0)
+        decay = gamma ** sum((step >= b).astype(jnp.float32) for b in bounds) if bounds else 1.0
+        return base_lr * warm * decay
+
+    return sched
+
+
+def make_optimizer(name="sgd", lr=None, weight_decay=None, steps_per_epoch=1, warmup_iters=500,
+                   milestones=(8, 11), momentum=0.9):
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}")
+    if name == "sgd":
+        lr = 0.02 if lr is None else lr
+        wd = 1e-4 if weight_decay is None else weight_decay
+        sched = lr_schedule("sgd", lr, steps_per_epoch, warmup_iters, 0.001, milestones)
+        # torch SGD: g += wd * p; buf = momentum * buf + g; p -= lr * buf
+        return optax.chain(optax.add_decayed_weights(wd), optax.sgd(sched, momentum=momentum)), sched
+    lr = 1e-4 if lr is None else lr
+    wd = 0.05 if weight_decay is None else weight_decay
+    sched = lr_schedule("adamw", lr, steps_per_epoch)
+    return optax.adamw(sched, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd), sched
+
+
+def adapt_num_classes(model, classes, log=print):
+    """visdet's SimpleRunner sets the heads' num_classes from the annotation file; so do we:
+    class-dependent layers (fc_cls, fc_reg, conv_logits) are re-initialised, everything else kept."""
+    from flaxdet.models.detectors.two_stage import build_detector
+    from flaxdet_converters.convert import export_visdet_state_dict, load_visdet_state_dict
+
+    n = len(classes)
+    rh = model.cfg.roi_head
+    if rh.bbox_head.num_classes == n:
+        return model
+    new_rh = dataclasses.replace(rh, bbox_head=dataclasses.replace(rh.bbox_head, num_classes=n))
+    if rh.mask_head is not None:
+        new_rh = dataclasses.replace(new_rh, mask_head=dataclasses.replace(rh.mask_head, num_classes=n))
+    new = build_detector(dataclasses.replace(model.cfg, roi_head=new_rh))
+    rep = load_visdet_state_dict(new, export_visdet_state_dict(model), strict=False)
+    _visdet_head_init(new, seed=n)
+    log(f"num_classes {rh.bbox_head.num_classes} -> {n} (from the dataset): re-initialised "
+        f"{len(rep.misshapen)} class-dependent tensors: {[m.split(':')[0] for m in rep.misshapen]}")
+    return new
+
+
+def _visdet_head_init(model, seed=0):
+    """visdet's init for the re-created layers: fc_cls N(0, 0.01), fc_reg N(0, 0.001),
+    conv_logits Kaiming-normal (fan_out, relu); biases 0."""
+    key = jax.random.PRNGKey(seed)
+    bh = model.roi_head.bbox_head
+    for layer, std in ((bh.fc_cls, 0.01), (bh.fc_reg, 0.001)):
+        key, k = jax.random.split(key)
+        w = layer.weight.get_value()
+        layer.weight.set_value(std * jax.random.normal(k, w.shape, w.dtype))
+        layer.bias.set_value(jnp.zeros_like(layer.bias.get_value()))
+    if model.roi_head.with_mask:
+        cl = model.roi_head.mask_head.conv_logits
+        w = cl.weight.get_value()  # (kh, kw, in, out)
+        std = float(np.sqrt(2.0 / (w.shape[0] * w.shape[1] * w.shape[3])))
+        key, k = jax.random.split(key)
+        cl.weight.set_value(std * jax.random.normal(k, w.shape, w.dtype))
+        cl.bias.set_value(jnp.zeros_like(cl.bias.get_value()))
+
+
+def _mesh_and_shardings(num_devices):
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    devs = jax.devices()[: num_devices or len(jax.devices())]
+    mesh = jax.make_mesh((len(devs),), ("data",), axis_types=(AxisType.Auto,), devices=devs)
+    return mesh, NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+
+
+def shard_batch(batch, data_sharding):
+    return {k: jax.device_put(np.asarray(v), data_sharding) for k, v in batch.items()}
+
+
+def train(model_dir, ann_file, out_dir, img_dir=None, steps=100, batch_size=2, scale=(1333, 800),
+          optimizer="sgd", lr=None, weight_decay=None, warmup_iters=500, milestones=(8, 11), ckpt_every=50,
+          keep=3, seed=0, max_gt=100, num_devices=None, progress=True, plot=True, log=print, stop_after=None):
+    """Fine-tune; returns (final model, list of metric dicts). ``stop_after`` ends the process's work
+    early (as a kill would) without touching checkpoints -- for tests."""
+    import orbax.checkpoint as ocp
+    from tqdm import tqdm
+
+    from flaxdet.checkpoint import load_model_dir, save_model_dir
+    from flaxdet.data.coco import CocoDataset, TrainLoader
+    from flaxdet.training.step import TrainState
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, classes, _ = load_model_dir(model_dir)
+    ds = CocoDataset(ann_file, img_dir)
+    model = adapt_num_classes(model, ds.classes, log)
+    with_masks = model.roi_head.with_mask
+    loader = TrainLoader(ds, batch_size, scale, max_gt, seed, with_masks=with_masks)
+    tx, sched = make_optimizer(optimizer, lr, weight_decay, loader.steps_per_epoch, warmup_iters, milestones)
+    state = TrainState(model, tx)
+    mesh, data_sh, repl_sh = _mesh_and_shardings(num_devices)
+    if batch_size % mesh.size:
+        raise ValueError(f"batch size {batch_size} is not divisible by the {mesh.size} devices")
+    state.params, state.opt_state, state.rest = jax.device_put((state.params, state.opt_state, state.rest), repl_sh)
+
+    mgr = ocp.CheckpointManager((out / "checkpoints").absolute(),
+                                options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1))
+    start = 0
+    if mgr.latest_step() is not None:
+        start = mgr.latest_step()
+        target = {"params": state.params, "opt_state": state.opt_state}
+        restored = mgr.restore(start, args=ocp.args.StandardRestore(target))
+        state.params, state.opt_state = restored["params"], restored["opt_state"]
+        state.step = start
+        log(f"resumed from step {start} ({out / 'checkpoints'})")
+    metrics_path = out / "metrics.jsonl"
+    if start == 0 and metrics_path.exists():
+        metrics_path.unlink()
+    history = []
+    base_key = jax.random.PRNGKey(seed)
+    todo = max(0, steps - start) if stop_after is None else max(0, min(steps, start + stop_after) - start)
+    bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not progress)
+    t_last, n_img = time.perf_counter(), 0
+    with open(metrics_path, "a") as mf:
+        for step, batch, epoch in loader.batches(start, todo):
+            key = jax.random.fold_in(base_key, step)
+            logs = state.train_step(shard_batch(batch, data_sh), key)
+            logs = {k: float(v) for k, v in jax.device_get(logs).items()}
+            n_img += batch_size
+            now = time.perf_counter()
+            rec = dict(step=step + 1, epoch=epoch, lr=float(sched(step)), **logs,
+                       images_per_s=batch_size / max(now - t_last, 1e-9))
+            t_last = now
+            history.append(rec)
+            mf.write(json.dumps(rec) + "\n")
+            mf.flush()
+            if not np.isfinite(logs["loss"]):
+                raise FloatingPointError(f"loss is {logs['loss']} at step {step + 1}; stopping (last good "
+                                         f"checkpoint: {mgr.latest_step()})")
+            bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k.startswith("loss")} |
+                            {"img/s": f"{rec['images_per_s']:.1f}"})
+            bar.update(1)
+            if (step + 1) % ckpt_every == 0 or step + 1 == steps:
+                mgr.save(step + 1, args=ocp.args.StandardSave({"params": state.params, "opt_state": state.opt_state}))
+                mgr.wait_until_finished()
+    bar.close()
+    mgr.close()
+    final = state.model()
+    if state.step >= steps:
+        save_model_dir(out / "model", final, ds.classes, dict(trained_steps=state.step, source=str(model_dir)),
+                       overwrite=True)
+        if plot and history:
+            plot_losses(metrics_path, out / "loss_curve.png")
+    return final, history
+
+
+def plot_losses(metrics_path, png):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for k in sorted(recs[0]):
+        if k.startswith("loss"):
+            ax.plot([r["step"] for r in recs], [r[k] for r in recs], label=k, lw=2 if k == "loss" else 1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("flaxdet fine-tuning")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
