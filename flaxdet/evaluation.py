@@ -19,12 +19,12 @@ STAT_NAMES = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l", "AR_1", "AR_
               "AR_l")
 
 
-def _predict_fn(model, backend, classes):
+def _predict_fn(model, backend, classes, bucket="exact"):
     if backend == "flaxdet":
         from flaxdet.inference import Detector
 
         det = Detector(model, classes)
-        return lambda img, meta: det.detect([img], [meta])[0]
+        return lambda img, meta: det.detect([img], [meta], bucket=bucket)[0]
     if backend == "reference":
         import torch
 
@@ -53,7 +53,7 @@ def detections_to_coco(det, image_id, cat_ids):
 
 
 def evaluate(model, ann_file, img_dir=None, scale=(1333, 800), backend="flaxdet", out_json=None, progress=True,
-             max_images=None):
+             max_images=None, bucket="exact"):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
     from tqdm import tqdm
@@ -62,7 +62,7 @@ def evaluate(model, ann_file, img_dir=None, scale=(1333, 800), backend="flaxdet"
     from flaxdet.data.transforms import load_image, resize_keep_ratio
 
     ds = CocoDataset(ann_file, img_dir)
-    predict = _predict_fn(model, backend, ds.classes)
+    predict = _predict_fn(model, backend, ds.classes, bucket)
     results, ids = [], []
     recs = ds.records[:max_images] if max_images else ds.records
     for rec in tqdm(recs, desc=f"eval ({backend})", unit="img", disable=not progress, file=sys.stderr):

@@ -1,9 +1,12 @@
 """Batched, jit-compiled inference: visdet's test pipeline + the static-shape predict path.
 
-Shape buckets: a batch is padded to a multiple of ``pad_size_divisor`` (32) -- exactly visdet's own
-padding, so bucketing costs no parity -- and the mask canvas to a multiple of ``canvas_divisor``
-(masks are cropped back to each original size on the host). One compiled executable serves every
-batch that falls in the same (batch size, padded size, canvas) bucket.
+Shape buckets. ``bucket="exact"`` (default): a batch is padded to a multiple of ``pad_size_divisor``
+(32) -- exactly visdet's own padding, so bucketing costs no parity. ``bucket="coarse"``: padded to
+multiples of 128, for datasets of many image sizes (each new padded size costs one XLA compile, about
+10 s on CPU for the tiny test model); the extra zero padding changes features within a few pixels of
+the right/bottom border by float noise -- detections stay equal in practice but are no longer
+guaranteed bit-comparable with visdet. The mask canvas is padded to a multiple of 256 either way
+(masks are cropped back to each original size on the host, which costs no parity).
 """
 from __future__ import annotations
 
@@ -33,7 +36,10 @@ class Batch:
     canvas_hw: tuple  # static mask canvas (>= every ori shape)
 
 
-def make_batch(images, metas, pad_size_divisor=32, canvas_divisor=32) -> Batch:
+BUCKET_DIVISORS = {"exact": None, "coarse": 128}
+
+
+def make_batch(images, metas, pad_size_divisor=32, canvas_divisor=256) -> Batch:
     """images: list of resized (H, W, 3) uint8 arrays; metas: dicts with ori_shape, img_shape, scale_factor."""
     hp = _round_up(max(im.shape[0] for im in images), pad_size_divisor)
     wp = _round_up(max(im.shape[1] for im in images), pad_size_divisor)
@@ -81,10 +87,11 @@ class Detector:
         return self._predict(self.state, jnp.asarray(batch.images), jnp.asarray(batch.img_shapes),
                              jnp.asarray(batch.scale_factors), canvas, rescale, with_stages)
 
-    def detect(self, images, metas, rescale=True):
+    def detect(self, images, metas, rescale=True, bucket="exact"):
         """Per image: dict(bboxes (n,4), scores (n,), labels (n,)[, masks (n, h, w) bool]) in numpy,
         padding removed, masks cropped to the original size."""
-        batch = make_batch(images, metas, self.cfg.data_preprocessor.pad_size_divisor)
+        div = BUCKET_DIVISORS[bucket] or self.cfg.data_preprocessor.pad_size_divisor
+        batch = make_batch(images, metas, div)
         dets = jax.device_get(self.predict_batch(batch, rescale))
         return unpad(dets, batch)
 

@@ -167,7 +167,7 @@ def _visdet_stages(cfg, checkpoint, img, meta):
 
 
 def run_infer(checkpoint, images, out_dir, config=None, scale=(1333, 800), score_thr=0.3, batch_size=1,
-              progress=True, log=print):
+              progress=True, log=print, bucket="exact"):
     """Detect on image files; write COCO-format results JSON (+ RLE masks) and overlay PNGs."""
     import cv2
     from pycocotools import mask as mask_utils
@@ -200,7 +200,7 @@ def run_infer(checkpoint, images, out_dir, config=None, scale=(1333, 800), score
             metas.append(m)
         if not resized:
             continue
-        for (p, im), d in zip(originals, det.detect(resized, metas)):
+        for (p, im), d in zip(originals, det.detect(resized, metas, bucket=bucket)):
             image_id = len(images_json) + 1
             images_json.append(dict(id=image_id, file_name=str(p), height=im.shape[0], width=im.shape[1]))
             for i in range(len(d["scores"])):
