@@ -407,6 +407,13 @@ class ConvFCBBoxHeadCfg(BBoxHeadCfg):
     loss_bbox: LossCfg = field(default_factory=L1LossCfg)
     init_cfg: Optional[FrozenMap] = None
 
+    def __post_init__(self):  # visdet's ConvFCBBoxHead constructor checks
+        if self.num_shared_convs + self.num_shared_fcs + self.num_cls_convs + self.num_cls_fcs \
+                + self.num_reg_convs + self.num_reg_fcs == 0:
+            raise ConfigError(f"{self.TYPE}: needs at least one conv or fc")
+        if (self.num_cls_convs > 0 or self.num_reg_convs > 0) and self.num_shared_fcs != 0:
+            raise ConfigError(f"{self.TYPE}: cls/reg convs cannot follow shared fcs")
+
 
 @dataclass(frozen=True)
 class Shared2FCBBoxHeadCfg(ConvFCBBoxHeadCfg):

@@ -17,21 +17,11 @@ def flatten_chw(x):
     return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
 
 
-def check_convfc(cfg):
-    """visdet's ConvFCBBoxHead constructor checks."""
-    if cfg.num_shared_convs + cfg.num_shared_fcs + cfg.num_cls_convs + cfg.num_cls_fcs + cfg.num_reg_convs \
-            + cfg.num_reg_fcs == 0:
-        raise ValueError("ConvFCBBoxHead needs at least one conv or fc")
-    if (cfg.num_cls_convs > 0 or cfg.num_reg_convs > 0) and cfg.num_shared_fcs != 0:
-        raise ValueError("ConvFCBBoxHead: cls/reg convs cannot follow shared fcs")
-
-
 class ConvFCBBoxHead(nnx.Module):
     def __init__(self, cfg: ConvFCBBoxHeadCfg, *, rngs: nnx.Rngs):
         self.cfg = cfg
         if not isinstance(cfg.loss_cls, CrossEntropyLossCfg) or cfg.loss_cls.use_sigmoid:
             raise ValueError("bbox head: only softmax CrossEntropyLoss classification is supported")
-        check_convfc(cfg)
         self.num_classes = cfg.num_classes
         self.roi_feat_area = cfg.roi_feat_size ** 2
         self.shared_convs, self.shared_fcs, last = self._branch(cfg.num_shared_convs, cfg.num_shared_fcs,

@@ -11,22 +11,12 @@ from flaxdet_reference.models.layers.bbox_nms import multiclass_nms
 from flaxdet_reference.models.task_modules.coders.delta_xywh_bbox_coder import DeltaXYWHBBoxCoder
 
 
-def check_convfc(cfg):
-    """visdet's ConvFCBBoxHead constructor checks."""
-    if cfg.num_shared_convs + cfg.num_shared_fcs + cfg.num_cls_convs + cfg.num_cls_fcs + cfg.num_reg_convs \
-            + cfg.num_reg_fcs == 0:
-        raise ValueError("ConvFCBBoxHead needs at least one conv or fc")
-    if (cfg.num_cls_convs > 0 or cfg.num_reg_convs > 0) and cfg.num_shared_fcs != 0:
-        raise ValueError("ConvFCBBoxHead: cls/reg convs cannot follow shared fcs")
-
-
 class ConvFCBBoxHead(nn.Module):
     def __init__(self, cfg: ConvFCBBoxHeadCfg):
         super().__init__()
         self.cfg = cfg
         if not isinstance(cfg.loss_cls, CrossEntropyLossCfg) or cfg.loss_cls.use_sigmoid:
             raise ValueError("bbox head: only softmax CrossEntropyLoss classification is supported")
-        check_convfc(cfg)
         self.num_classes = cfg.num_classes
         self.reg_class_agnostic = cfg.reg_class_agnostic
         self.with_avg_pool = cfg.with_avg_pool
