@@ -35,3 +35,6 @@ test-all: $(STAMP)
 
 clean:
 	rm -rf $(VENV) out build *.egg-info
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_infer.py

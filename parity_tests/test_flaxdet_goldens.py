@@ -42,9 +42,19 @@ def nchw(x):
     return np.asarray(x).transpose(0, 3, 1, 2)
 
 
-@pytest.mark.parametrize("weights", WEIGHT_FILES)
-@pytest.mark.parametrize("image", IMAGES)
-@pytest.mark.parametrize("case", CASES)
+def _e2e_params():
+    """state_dict.pth for every case and image; the other two weight files (same tensors, other
+    containers) on one image per case by default, on all images under ``-m slow``."""
+    out = []
+    for case in CASES:
+        for image in IMAGES:
+            for weights in WEIGHT_FILES:
+                slow = weights != "state_dict.pth" and image != "coco_test_12510"
+                out.append(pytest.param(case, image, weights, marks=[pytest.mark.slow] if slow else []))
+    return out
+
+
+@pytest.mark.parametrize("case,image,weights", _e2e_params())
 def test_end_to_end_jit(case, image, weights):
     g = golden_image(case, image)
     det = detector(case, weights)
