@@ -1,31 +1,42 @@
 """Reading and writing visdet / MMDetection checkpoints without executing anything from them.
 
-Formats read (dispatched on content, not extension):
-* torch.save zip archives (``<prefix>/data.pkl`` + ``<prefix>/data/<key>`` storages): a raw
-  ``state_dict``, or a runner checkpoint ``{'meta', 'state_dict', 'optimizer', 'message_hub', ...}``;
-  keys of DDP saves lose their ``module.`` prefix;
-* ``.safetensors``;
-* legacy (pre-1.6, non-zip) torch pickles, through ``torch.load(weights_only=True)`` when torch is
+Formats read (dispatched on the file's content, not its extension):
+
+* ``torch.save`` zip archives (the default since torch 1.6): ``<prefix>/data.pkl`` is a pickle whose
+  tensors refer, via persistent ids, to raw storages ``<prefix>/data/<key>`` (``<prefix>/byteorder``
+  says little/big endian). The top-level object is a raw ``state_dict`` or a runner checkpoint
+  ``{'meta', 'state_dict', 'optimizer', 'message_hub', ...}``. Read by our own unpickler, no torch needed.
+* ``.safetensors`` (``safetensors.numpy``).
+* legacy (pre-1.6, non-zip) torch pickles, only through ``torch.load(weights_only=True)`` when torch is
   installed.
 
-Threat model: a pickle can name any importable callable and have the unpickler call it. visdet's
-own runner writes objects ``torch.load(weights_only=True)`` refuses (``HistoryBuffer``, numpy
-scalars ...), so we cannot simply rely on it, and ``weights_only=False`` would run whatever a
-malicious file carries. Our unpickler resolves a small whitelist of *inert* names (tensor
-rebuilding, storages, ``OrderedDict``) to our own numpy implementations and every other global to
-an :class:`Opaque` placeholder that records its name and arguments and never calls anything. No
-module is imported on behalf of the file. Tensors come back as numpy arrays (dtype preserved).
+Keys of DDP saves lose their ``module.`` prefix. Tensors come back as numpy arrays, dtype and shape kept
+(``num_batches_tracked`` stays a 0-d int64; bfloat16 is widened to float32, with a warning).
 
-The runner's config (``meta.cfg``, Python source) is parsed with :mod:`ast` only -- never
-``exec``/``eval`` -- so ``flaxdet convert`` needs no separate config for such files.
+Threat model: a pickle names callables by module and name and makes the unpickler call them (``os.system``
+with any argument is one pickle opcode away), and the file is whatever the user downloaded.
+visdet's runner writes objects ``torch.load(weights_only=True)`` refuses (``HistoryBuffer``, numpy
+scalars), and ``weights_only=False`` would run whatever a malicious file carries. So our unpickler imports
+nothing: a short whitelist of names (tensor rebuilding, storage types, ``OrderedDict``, a few builtins) maps
+to our own numpy code, and every other global becomes an inert :class:`Opaque` placeholder that records its
+name and arguments and never calls anything. Tensor views are bounds-checked against their storage before
+``as_strided`` (a crafted stride must not read process memory), storages are read lazily (optimizer state is
+never read), and every failure becomes a :class:`CheckpointError`.
+
+The runner's config (``meta.cfg``, Python source) is parsed with :mod:`ast` only -- never ``exec``/``eval``
+-- so converting such a file needs no separate config.
 """
 from __future__ import annotations
 
 import ast
 import io
+import json
+import math
 import os
 import pickle
+import re
 import tempfile
+import types
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -35,334 +46,459 @@ import numpy as np
 
 
 class CheckpointError(ValueError):
-    """A file that is not a readable checkpoint of the expected kind."""
+    """A file that is not a readable checkpoint, or a state_dict that cannot be written."""
 
 
 @dataclass
 class Checkpoint:
-    state_dict: "OrderedDict[str, np.ndarray]"
-    classes: list | None
-    meta: dict
-    model_cfg: dict | None
+    state_dict: dict[str, np.ndarray]  # in file order
+    classes: list[str] | None  # meta.dataset_meta.classes (or legacy meta.CLASSES)
+    meta: dict  # plain-data copy of meta; unknown objects appear as '<opaque module.Name>' strings
+    model_cfg: dict | None  # the `model` dict parsed from meta.cfg (runner checkpoints)
     source_format: str  # 'pth-state-dict' | 'pth-runner' | 'safetensors'
     path: str
     warnings: list = field(default_factory=list)
 
 
+# ------------------------------------------------------------------------------ restricted unpickling
 class Opaque:
-    """Inert stand-in for any global a checkpoint names that we do not whitelist. Each name gets its
-    own subclass (pickle's NEWOBJ needs a type); constructing one just stores the arguments."""
+    """Inert stand-in for a global the file names that we do not whitelist (one subclass per name, since
+    pickle's NEWOBJ needs a type). Calling, constructing, BUILD, SETITEM(S) and APPEND(S) only record."""
 
     _name = "?"
 
-    def __init__(self, *args, **kwargs):
-        self._args = args
-
     def __new__(cls, *args, **kwargs):
-        return object.__new__(cls)
+        self = object.__new__(cls)
+        self.args, self.kwargs, self.state, self.items, self.list = args, kwargs, None, {}, []
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return _opaque(f"{self._name}(...)")(*args, **kwargs)
 
     def __setstate__(self, state):
-        self._state = state
+        self.state = state
+
+    def __setitem__(self, key, value):  # SETITEM(S) on dict subclasses (e.g. mmengine's ConfigDict)
+        self.items[key] = value
+
+    def append(self, value):  # APPEND(S) on list subclasses
+        self.list.append(value)
 
     def __repr__(self):
         return f"<opaque {self._name}>"
 
 
-def _opaque_class(qualname: str) -> type:
-    return type("Opaque_" + qualname.replace(".", "_"), (Opaque,), {"_name": qualname})
+def _opaque(qualname: str) -> type:
+    return type("Opaque", (Opaque,), {"_name": qualname})
 
 
-class _Storage:
-    def __init__(self, dtype):
-        self.dtype = dtype
+class _Sealed:
+    """Our own objects reachable from the pickle: BUILD (``__setstate__``) on them is refused, so a file
+    cannot rewire a storage, a tensor or a whitelisted function."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        raise CheckpointError(f"pickle tries to modify {type(self).__name__.strip('_')}")
 
 
-_STORAGE_DTYPES = {
-    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-    "BFloat16Storage": "bfloat16", "LongStorage": np.int64, "IntStorage": np.int32,
-    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
-}
+class _Call(_Sealed):
+    """A whitelisted function, wrapped afresh for every lookup."""
+
+    __slots__ = ("f",)
+
+    def __init__(self, f):
+        self.f = f
+
+    def __call__(self, *args, **kwargs):
+        return self.f(*args, **kwargs)
+
+
+class _StorageType(_Sealed):
+    __slots__ = ("name", "dtype")
+
+    def __init__(self, name, dtype):
+        self.name, self.dtype = name, dtype
+
+
+_STORAGES = {"FloatStorage": "f4", "DoubleStorage": "f8", "HalfStorage": "f2", "BFloat16Storage": "bf16",
+             "LongStorage": "i8", "IntStorage": "i4", "ShortStorage": "i2", "CharStorage": "i1",
+             "ByteStorage": "u1", "BoolStorage": "?", "ComplexFloatStorage": "c8", "ComplexDoubleStorage": "c16",
+             "UntypedStorage": "u1"}
+
+
+class _Storage(_Sealed):
+    """A storage in the zip, read (once) when a tensor that uses it is materialised."""
+
+    __slots__ = ("zf", "member", "dtype", "order", "_data")
+
+    def __init__(self, zf, member, dtype, order):
+        self.zf, self.member, self.dtype, self.order, self._data = zf, member, dtype, order, None
+
+    def data(self) -> np.ndarray:
+        if self._data is None:
+            raw = self.zf.read(self.member)
+            if self.dtype == "bf16":  # the upper half of a float32
+                self._data = (np.frombuffer(raw, self.order + "u2").astype(np.uint32) << 16).view(np.float32)
+            else:
+                dt = np.dtype(self.dtype)
+                self._data = np.frombuffer(raw, dt.newbyteorder(self.order)).astype(dt, copy=False)
+        return self._data
+
+
+class _Tensor(_Sealed):
+    """A tensor as (storage, offset, size, stride), turned into an owned numpy array by ``numpy()``."""
+
+    __slots__ = ("storage", "offset", "size", "stride")
+
+    def __init__(self, storage, offset, size, stride):
+        if not isinstance(storage, _Storage):
+            raise CheckpointError(f"tensor whose storage is {_kind(storage)}")
+        self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+
+    def numpy(self) -> np.ndarray:
+        data, off, size, stride = self.storage.data(), self.offset, self.size, self.stride
+        ints = [off, *size, *stride]
+        if len(size) != len(stride) or not all(type(i) is int and i >= 0 for i in ints):
+            raise CheckpointError(f"tensor with invalid offset/size/stride: {[_short(i) for i in ints][:9]}")
+        if math.prod(size) == 0:
+            return np.zeros(size, data.dtype)
+        if off + sum((n - 1) * s for n, s in zip(size, stride)) >= data.size:
+            raise CheckpointError(f"tensor (offset {off}, size {size}, stride {stride}) reaches outside its "
+                                  f"storage of {data.size} elements")
+        view = np.lib.stride_tricks.as_strided(data[off:], size, [s * data.itemsize for s in stride],
+                                               writeable=False)
+        return view.copy()
 
 
 def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    if not isinstance(storage, np.ndarray):
-        raise CheckpointError("tensor without a readable storage")
-    item = storage.itemsize
-    if len(size) == 0:
-        return storage[offset:offset + 1].reshape(()).copy()
-    arr = np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
-                                          strides=tuple(s * item for s in stride), writeable=False)
-    return np.array(arr, copy=True)
+    return _Tensor(storage, offset, size, stride)
 
 
-def _rebuild_parameter(data, requires_grad=False, hooks=None, *args):
+def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
     return data
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):  # tensor subclasses: keep the plain tensor
+    if isinstance(func, _Call) and func.f is _rebuild_tensor_v2:
+        return func(*args)
+    return _opaque("torch._utils._rebuild_from_type_v2")(func, new_type, args, state)
+
+
+def _codecs_encode(text, encoding="utf-8"):  # how protocol 2 pickles `bytes`
+    if isinstance(text, str) and encoding in ("latin1", "latin-1"):
+        return text.encode("latin1")
+    return _opaque("_codecs.encode")(text, encoding)
 
 
 _WHITELIST = {
     ("collections", "OrderedDict"): OrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
     ("torch", "Size"): tuple,
+    ("_codecs", "encode"): _codecs_encode,
+    **{(m, f.__name__): f for m in ("builtins", "__builtin__") for f in (set, frozenset, slice, complex)},
 }
 
 
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, fh, zf, prefix, byteorder):
-        super().__init__(fh)
-        self.zf, self.prefix, self.byteorder, self.cache = zf, prefix, byteorder, {}
+class _Unpickler(pickle._Unpickler):
+    def __init__(self, data: bytes, zf, prefix, order):
+        super().__init__(io.BytesIO(data))
+        self.zf, self.prefix, self.order, self.storages = zf, prefix, order, {}
 
     def find_class(self, module, name):
         if (module, name) in _WHITELIST:
-            return _WHITELIST[(module, name)]
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _Storage(_STORAGE_DTYPES[name])
-        return _opaque_class(f"{module}.{name}")
+            f = _WHITELIST[(module, name)]
+            return _Call(f) if isinstance(f, types.FunctionType) else f
+        if module in ("torch", "torch.storage") and name in _STORAGES:
+            return _StorageType(name, _STORAGES[name])
+        return _opaque(f"{module}.{name}")
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-            raise CheckpointError(f"unsupported persistent id {pid!r}")
-        _, storage_type, key, _location, _numel = pid[:5]
-        if key in self.cache:
-            return self.cache[key]
-        dtype = storage_type.dtype if isinstance(storage_type, _Storage) else None
-        if dtype is None:
-            raise CheckpointError(f"storage of unsupported type {storage_type!r}")
-        raw = self.zf.read(f"{self.prefix}/data/{key}")
-        if dtype == "bfloat16":
-            u16 = np.frombuffer(raw, dtype=self.byteorder + "u2")
-            arr = (u16.astype(np.uint32) << 16).view(np.float32)
+        if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"):
+            raise CheckpointError(f"unsupported persistent id ({_kind(pid)})")
+        stype, key = pid[1], pid[2]
+        if not isinstance(stype, _StorageType) or not isinstance(key, str):
+            what = stype._name if isinstance(stype, type) and issubclass(stype, Opaque) else _kind(stype)
+            raise CheckpointError(f"storage of unsupported type {what}")
+        if key not in self.storages:
+            self.storages[key] = _Storage(self.zf, f"{self.prefix}/data/{key}", stype.dtype, self.order)
+        return self.storages[key]
+
+
+def _materialize(x, memo):
+    """Lazy tensors -> arrays, tuples -> lists, placeholders -> their SETITEM/APPEND contents or
+    '<opaque module.Name>'. Shared and cyclic references are converted once (a pickle can nest them)."""
+    if isinstance(x, _Tensor):
+        return x.numpy()
+    if isinstance(x, Opaque):
+        contents = x.items or x.list
+        return _materialize(contents, memo) if contents and isinstance(contents, dict | list) else repr(x)
+    if not isinstance(x, dict | list | tuple):
+        return x
+    if id(x) not in memo:
+        out = memo[id(x)] = type(x)() if isinstance(x, dict) else []
+        if isinstance(x, dict):
+            out.update((k, _materialize(v, memo)) for k, v in x.items())
         else:
-            arr = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder(self.byteorder))
-            arr = arr.astype(np.dtype(dtype).newbyteorder("="), copy=False)
-        self.cache[key] = arr
-        return arr
+            out.extend(_materialize(v, memo) for v in x)
+    return memo[id(x)]
 
 
-def _load_torch_zip(path: Path):
-    try:
-        zf = zipfile.ZipFile(path)
-        names = zf.namelist()
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise CheckpointError(f"{path}: truncated or corrupt torch file ({e})") from None
-    pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
-    if not pkl:
-        raise CheckpointError(f"{path}: a zip archive but not a torch checkpoint (no data.pkl)")
-    prefix = pkl[0].rsplit("/", 1)[0] if "/" in pkl[0] else ""
-    order = "<"
-    if f"{prefix}/byteorder" in names and zf.read(f"{prefix}/byteorder").strip() == b"big":
-        order = ">"
-    try:
-        with zf:
-            return _Unpickler(io.BytesIO(zf.read(pkl[0])), zf, prefix, order).load()
-    except CheckpointError:
-        raise
-    except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, KeyError, ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: truncated or corrupt torch file ({type(e).__name__}: {e})") from None
+def _kind(x) -> str:  # untrusted objects are described, never repr()'d (a pickle can make that exponential)
+    return f"placeholder {x._name}" if isinstance(x, Opaque) else type(x).__name__
 
 
-def _load_legacy(path: Path):
+def _short(x) -> str:
+    return repr(x)[:40] if isinstance(x, str | int | float | bool | type(None)) else _kind(x)
+
+
+def _load_torch_zip(p: Path):
+    zf = zipfile.ZipFile(p)
+    with zf:
+        pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+        if not pkls:
+            raise CheckpointError(f"not a checkpoint: a zip archive without <name>/data.pkl "
+                                  f"(not written by torch.save); expected .pth or .safetensors")
+        prefix = pkls[0].split("/")[0]
+        order = ">" if f"{prefix}/byteorder" in zf.namelist() and zf.read(f"{prefix}/byteorder") == b"big" else "<"
+        obj = _Unpickler(zf.read(pkls[0]), zf, prefix, order).load()
+        sd, source = _find_state_dict(obj, lambda v: isinstance(v, _Tensor))
+        bf16 = [k for k, v in sd.items() if v.storage.dtype == "bf16"]
+        sd = OrderedDict((k, v.numpy()) for k, v in sd.items())
+        meta = _materialize(obj.get("meta"), {}) if source == "pth-runner" else {}
+    warnings = [f"bfloat16 tensors widened to float32: {bf16[:5]}{'...' if len(bf16) > 5 else ''}"] if bf16 else []
+    return sd, source, meta, warnings
+
+
+def _load_legacy(p: Path):
     try:
         import torch
     except ImportError:
-        raise CheckpointError(f"{path}: legacy (non-zip) torch format; reading it needs torch installed") from None
+        raise CheckpointError("legacy (non-zip) torch pickle; reading it needs torch installed "
+                              "(or re-save it with torch >= 1.6)") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything but tensors and plain data
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"not a readable checkpoint: legacy torch pickle that torch.load(weights_only=True) "
+                              f"refuses ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
 
     def conv(x):
-        if hasattr(x, "detach"):
-            return x.detach().cpu().numpy()
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu()
+            return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
         if isinstance(x, dict):
-            return type(x)((k, conv(v)) for k, v in x.items()) if isinstance(x, OrderedDict) else {k: conv(v) for k, v in x.items()}
-        return x
+            return type(x)((k, conv(v)) for k, v in x.items())
+        return [conv(v) for v in x] if isinstance(x, list | tuple) else x
 
-    return conv(obj)
-
-
-def _plain(x):
-    """meta as plain data; placeholders become their repr."""
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_plain(v) for v in x]
-    if isinstance(x, Opaque):
-        return repr(x)
-    return x
+    obj = conv(obj)
+    sd, source = _find_state_dict(obj, lambda v: isinstance(v, np.ndarray))
+    return sd, source, (obj.get("meta") if source == "pth-runner" else {}), []
 
 
-def _tensor_dict(d):
-    return isinstance(d, dict) and d and all(isinstance(v, np.ndarray) for v in d.values())
+def _find_state_dict(obj, is_tensor):
+    def tensors(d):
+        return isinstance(d, dict) and d and all(isinstance(k, str) and is_tensor(v) for k, v in d.items())
 
-
-def load_checkpoint(path) -> Checkpoint:
-    """Read a visdet / MMDetection checkpoint (see module doc). Raises CheckpointError."""
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint not found: {p}")
-    with open(p, "rb") as f:
-        head = f.read(8)
-    if not head:
-        raise CheckpointError(f"{p}: empty file, expected a .pth or .safetensors checkpoint")
-    warnings = []
-    if head[:2] == b"PK":
-        obj, fmt = _load_torch_zip(p), "pth"
-    elif len(head) == 8 and int.from_bytes(head, "little") < 100_000_000 and _looks_safetensors(p):
-        return _load_safetensors(p)
-    elif head[:1] == b"\x80":
-        obj, fmt = _load_legacy(p), "pth"
-    else:
-        raise CheckpointError(f"{p}: not a checkpoint (neither a torch zip archive, a pickle nor safetensors)")
     if isinstance(obj, dict) and "state_dict" in obj:
-        sd, source = obj["state_dict"], "pth-runner"
-    else:
-        sd, source = obj, "pth-state-dict"
-    if not _tensor_dict(sd):
-        what = (f"dict with keys {list(obj)[:8]} but no 'state_dict' and no tensors" if isinstance(obj, dict)
-                else f"top-level object is {type(obj).__name__}")
-        raise CheckpointError(f"{p}: not a checkpoint ({what}); expected a state_dict or a runner "
-                              "checkpoint with 'state_dict'")
-    sd = _strip_module(OrderedDict(sd))
-    meta = _plain(obj.get("meta", {})) if source == "pth-runner" and isinstance(obj.get("meta"), dict) else {}
-    classes = None
-    dm = meta.get("dataset_meta") if isinstance(meta.get("dataset_meta"), dict) else {}
-    if dm.get("classes") is not None:
-        classes = list(dm["classes"])
-    elif meta.get("CLASSES") is not None:
-        classes = list(meta["CLASSES"])
-    model_cfg = None
-    cfg_text = meta.get("cfg")
-    if isinstance(cfg_text, str) and "model" in cfg_text:
-        try:
-            model_cfg = parse_python_config(cfg_text, strict=False).get("model")
-        except CheckpointError as e:
-            warnings.append(f"meta.cfg could not be parsed: {e}")
-    return Checkpoint(sd, classes, meta, model_cfg, source, str(p), warnings)
+        sd = obj["state_dict"]
+        if tensors(sd):
+            return sd, "pth-runner"
+        bad = ([f"{_short(k)}: {_kind(v)}" for k, v in sd.items() if not (isinstance(k, str) and is_tensor(v))][:3]
+               if isinstance(sd, dict) else [])
+        what = f"a dict with non-tensor entries {bad}" if bad else "empty" if sd == {} else _kind(sd)
+        raise CheckpointError(f"not a checkpoint: runner-style dict whose 'state_dict' is {what}")
+    if tensors(obj):
+        return obj, "pth-state-dict"
+    what = (f"dict with keys [{', '.join(_short(k) for k in list(obj)[:8])}] but no 'state_dict' and no tensors"
+            if isinstance(obj, dict)
+            else f"top-level object is {_kind(obj)}")
+    raise CheckpointError(f"not a checkpoint ({what}); expected a state_dict (names -> tensors) or a runner "
+                          "checkpoint with a 'state_dict' entry")
 
 
-def _looks_safetensors(p: Path) -> bool:
-    with open(p, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return f.read(1) == b"{" and n > 1
-
-
-def _load_safetensors(p: Path) -> Checkpoint:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    try:
-        sd = load_file(str(p))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{p}: truncated or corrupt safetensors file ({e})") from None
+def _load_safetensors(p: Path):
     from safetensors import safe_open
 
     with safe_open(str(p), "np") as f:
-        meta = dict(f.metadata() or {})
-        order = list(f.keys())
-    import json
-
-    classes = json.loads(meta["classes"]) if "classes" in meta else None
-    if "key_order" in meta:
-        stored = json.loads(meta["key_order"])
-        if sorted(stored) == sorted(order):
-            order = stored
-    sd = _strip_module(OrderedDict((k, sd[k]) for k in order))
-    return Checkpoint(sd, classes, meta, None, "safetensors", str(p))
-
-
-def _strip_module(sd):
-    if sd and all(k.startswith("module.") for k in sd):
-        return OrderedDict((k[len("module."):], v) for k, v in sd.items())
-    return sd
+        md = dict(f.metadata() or {})
+        sd = OrderedDict((k, f.get_tensor(k)) for k in f.keys())
+    meta, warnings = dict(md), []
+    for k in ("classes", "key_order"):  # written by save_checkpoint as JSON
+        try:
+            meta[k] = json.loads(md[k]) if k in md else None
+        except ValueError:
+            warnings.append(f"safetensors metadata {k!r} is not JSON; ignored")
+            meta[k] = None
+    order, classes = meta.pop("key_order"), meta.pop("classes")
+    if isinstance(order, list) and sorted(order) == sorted(sd):  # safetensors itself sorts the names
+        sd = OrderedDict((k, sd[k]) for k in order)
+    if classes is not None:
+        meta["dataset_meta"] = {"classes": classes}
+    return sd, "safetensors", meta, warnings
 
 
-# ------------------------------------------------------------------------------------------- writing
-def save_checkpoint(path, state_dict, classes=None, meta=None, format=None):
-    """Write ``.pth`` (torch.save; runner-style dict when classes/meta are given) or ``.safetensors``,
-    atomically: on failure nothing is left at ``path`` and an existing file is untouched."""
+def _is_safetensors(p: Path, head: bytes) -> bool:
+    n = int.from_bytes(head[:8], "little")
+    if len(head) < 8 or not 2 <= n < 100_000_000:
+        return False
+    with open(p, "rb") as f:
+        f.seek(8)
+        return f.read(1) == b"{"
+
+
+def load_checkpoint(path) -> Checkpoint:
+    """Read a visdet / MMDetection checkpoint (see the module doc). Raises CheckpointError."""
     p = Path(path)
-    fmt = format or {".pth": "pth", ".pt": "pth", ".safetensors": "safetensors"}.get(p.suffix)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint not found: {p}" + (" (a directory)" if p.is_dir() else ""))
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+        if not head:
+            raise CheckpointError("empty file; expected a .pth or .safetensors checkpoint")
+        if head[:2] == b"PK":
+            sd, source, meta, warnings = _load_torch_zip(p)
+        elif _is_safetensors(p, head):
+            sd, source, meta, warnings = _load_safetensors(p)
+        elif head[:1] == b"\x80":
+            sd, source, meta, warnings = _load_legacy(p)
+        else:
+            raise CheckpointError(f"not a checkpoint: starts with {head!r}, neither a torch zip archive, "
+                                  "a pickle nor safetensors")
+    except CheckpointError as e:
+        raise CheckpointError(f"{p}: {e}") from None
+    except Exception as e:  # anything the file provoked: truncation, bad zip, broken pickle, ...
+        raise CheckpointError(f"{p}: truncated or corrupt checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if not sd:
+        raise CheckpointError(f"{p}: not a checkpoint: it holds no tensors")
+    if all(k.startswith("module.") for k in sd):  # DistributedDataParallel
+        sd = OrderedDict((k[len("module."):], v) for k, v in sd.items())
+    meta = meta if isinstance(meta, dict) else {}
+    dm = meta.get("dataset_meta") if isinstance(meta.get("dataset_meta"), dict) else {}
+    classes = dm.get("classes", meta.get("CLASSES"))
+    if classes is not None and not (isinstance(classes, list | tuple) and all(isinstance(c, str) for c in classes)):
+        warnings.append(f"meta classes ignored: not a list of names ({_kind(classes)})")
+        classes = None
+    model_cfg, cfg = None, meta.get("cfg")
+    if isinstance(cfg, str) and re.search(r"^model\s*=\s*dict\(", cfg, re.M):
+        try:
+            model_cfg = parse_python_config(cfg, strict=False).get("model")
+        except CheckpointError as e:
+            warnings.append(f"meta.cfg could not be parsed: {e}")
+        if model_cfg is not None and not isinstance(model_cfg, dict):
+            model_cfg = None
+    return Checkpoint(sd, list(classes) if classes is not None else None, meta, model_cfg, source, str(p), warnings)
+
+
+# --------------------------------------------------------------------------------------------- writing
+def save_checkpoint(path, state_dict, classes=None, meta=None, format=None) -> Path:
+    """Write ``.safetensors`` or ``.pth`` (torch.save; a runner-style dict with ``meta.dataset_meta.classes``
+    when ``classes`` or ``meta`` are given, else a raw state_dict). Atomic: on failure nothing is left at
+    ``path`` and an existing file there is untouched. Raises CheckpointError."""
+    p = Path(path)
+    fmt = str(format or p.suffix).lower().lstrip(".")
+    fmt = {"pt": "pth", "ckpt": "pth"}.get(fmt, fmt)
     if fmt not in ("pth", "safetensors"):
-        raise CheckpointError(f"{p}: unknown checkpoint format (use .pth or .safetensors)")
+        raise CheckpointError(f"{p}: unknown checkpoint format {format or p.suffix!r}; expected .pth or .safetensors")
+    if fmt == "pth":
+        try:
+            import torch
+        except ImportError:
+            raise CheckpointError(f"{p}: writing .pth needs torch installed; write .safetensors instead") from None
+    arrays = OrderedDict()
+    for k, v in state_dict.items():
+        try:
+            a = np.asarray(v)
+        except Exception as e:
+            raise CheckpointError(f"{p}: cannot save {k!r}: not convertible to a numpy array ({e})") from None
+        if not isinstance(k, str) or a.dtype.kind not in "biufc":
+            raise CheckpointError(f"{p}: cannot save {k!r}: expected str names and numeric arrays, got {a.dtype}")
+        if fmt == "safetensors" and k == "__metadata__":
+            raise CheckpointError(f"{p}: cannot save {k!r}: a reserved name in safetensors")
+        arrays[k] = np.asarray(a, a.dtype.newbyteorder("="), order="C")
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     os.close(fd)
     try:
-        arrays = OrderedDict((k, np.ascontiguousarray(v) if np.ndim(v) else np.asarray(v)) for k, v in state_dict.items())
-        for k, v in arrays.items():
-            if v.dtype == object:
-                raise CheckpointError(f"cannot save {k}: not a numeric array")
         if fmt == "safetensors":
-            import json
-
             from safetensors.numpy import save_file
 
-            md = {"key_order": json.dumps(list(arrays))}  # safetensors stores keys sorted; keep visdet's order
+            md = {"key_order": json.dumps(list(arrays))}
             if classes is not None:
                 md["classes"] = json.dumps(list(classes))
             save_file(dict(arrays), tmp, metadata=md)
         else:
-            import torch
-
-            sd = OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in arrays.items())
+            obj = sd = OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in arrays.items())
             if classes is not None or meta:
-                obj = {"meta": dict(meta or {}, dataset_meta={"classes": list(classes) if classes else None}),
-                       "state_dict": sd}
-            else:
-                obj = sd
+                m = dict(meta or {})
+                if classes is not None:
+                    m["dataset_meta"] = {**(m.get("dataset_meta") or {}), "classes": list(classes)}
+                obj = {"meta": m, "state_dict": sd}
             torch.save(obj, tmp)
+        os.chmod(tmp, os.stat(p).st_mode & 0o777 if p.exists() else 0o644)
         os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    except BaseException as e:
+        os.unlink(tmp)
+        if isinstance(e, CheckpointError) or not isinstance(e, Exception):  # e.g. KeyboardInterrupt
+            raise
+        raise CheckpointError(f"{p}: could not write checkpoint ({type(e).__name__}: {e})") from e
     return p
 
 
-# ---------------------------------------------------------------------------- meta.cfg (no exec)
+# ------------------------------------------------------------------------------- meta.cfg (no exec)
 def parse_python_config(text: str, strict: bool = True) -> dict:
-    """mmengine-style Python config source -> dict, via ``ast`` only. Supported values: literals,
-    lists/tuples/sets/dicts, unary +/-, and ``dict(key=value, ...)`` calls. With ``strict`` any other
-    statement or value raises; otherwise top-level assignments with unsupported values are skipped."""
+    """mmengine-style Python config source -> dict of its top-level assignments, via ``ast`` only.
+    Values may be literals, lists/tuples/sets/dicts, unary +/- and ``dict(key=value, ...)`` calls. With
+    ``strict`` anything else (imports, other calls, names, attributes, lambdas, f-strings ...) raises a
+    CheckpointError naming the line; otherwise such statements and assignments are skipped."""
     try:
         tree = ast.parse(text)
-    except SyntaxError as e:
-        raise CheckpointError(f"config is not valid Python (line {e.lineno}): {e.msg}") from None
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        raise CheckpointError(f"config is not valid Python (line {getattr(e, 'lineno', '?')}): {e}") from None
     out = {}
     for node in tree.body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             try:
                 out[node.targets[0].id] = _value(node.value)
+            except RecursionError:
+                if strict:
+                    raise CheckpointError(f"line {node.lineno}: value nested too deeply") from None
             except CheckpointError:
                 if strict:
                     raise
         elif strict:
-            raise CheckpointError(f"line {node.lineno}: unsupported statement {type(node).__name__} in config")
+            raise CheckpointError(f"line {node.lineno}: unsupported statement ({type(node).__name__}) in config; "
+                                  "expected only `name = <literal or dict(...)>` assignments")
     return out
 
 
 def _value(n):
     if isinstance(n, ast.Constant):
         return n.value
-    if isinstance(n, ast.List):
-        return [_value(e) for e in n.elts]
-    if isinstance(n, ast.Tuple):
-        return tuple(_value(e) for e in n.elts)
-    if isinstance(n, ast.Set):
-        return {_value(e) for e in n.elts}
-    if isinstance(n, ast.Dict):
-        if any(k is None for k in n.keys):
-            raise CheckpointError(f"line {n.lineno}: '**' unpacking is not supported in config")
-        return {_value(k): _value(v) for k, v in zip(n.keys, n.values)}
+    if isinstance(n, ast.List | ast.Tuple):
+        vals = [_value(e) for e in n.elts]
+        return vals if isinstance(n, ast.List) else tuple(vals)
     if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub | ast.UAdd):
         v = _value(n.operand)
-        if not isinstance(v, int | float):
-            raise CheckpointError(f"line {n.lineno}: unary operator on a non-number")
-        return -v if isinstance(n.op, ast.USub) else v
-    if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "dict" and not n.args:
-        if any(k.arg is None for k in n.keywords):
-            raise CheckpointError(f"line {n.lineno}: '**' unpacking is not supported in config")
-        return {k.arg: _value(k.value) for k in n.keywords}
-    raise CheckpointError(f"line {getattr(n, 'lineno', '?')}: unsupported expression {type(n).__name__} in config")
+        if isinstance(v, int | float | complex) and not isinstance(v, bool):
+            return -v if isinstance(n.op, ast.USub) else v
+    call = isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "dict" and not n.args
+    if (isinstance(n, ast.Dict) and None not in n.keys) or (call and all(k.arg for k in n.keywords)):
+        items = zip(n.keys, n.values) if isinstance(n, ast.Dict) else ((k.arg, k.value) for k in n.keywords)
+        try:
+            return {(k if isinstance(k, str) else _value(k)): _value(v) for k, v in items}
+        except TypeError:
+            raise CheckpointError(f"line {n.lineno}: unhashable dict key in config") from None
+    if isinstance(n, ast.Set):
+        try:
+            return {_value(e) for e in n.elts}
+        except TypeError:
+            raise CheckpointError(f"line {n.lineno}: unhashable set element in config") from None
+    src = type(n).__name__
+    raise CheckpointError(f"line {getattr(n, 'lineno', '?')}: unsupported expression ({src}) in config; expected "
+                          "literals, lists, tuples, dicts and dict(key=value) calls")
