@@ -62,6 +62,10 @@ def conditioned_weights(ref, seed):
     return {k: v.numpy() for k, v in sd.items()}
 
 
+# slow: each example compiles a whole model (~1 min under load). Known open finding (session 1): depth 34,
+# 90x90 input -> flaxdet keeps 404 proposals where reference keeps 405; suspected an exact score tie at the
+# per-level top-k boundary (torch's unstable sort vs lax.top_k) -- to be investigated.
+@pytest.mark.slow
 @settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
 @given(depth=st.sampled_from([18, 34, 50]), base=st.sampled_from([8, 16]), style=st.sampled_from(["pytorch", "caffe"]),
        classes=st.integers(1, 6), fc=st.sampled_from([32, 64]), mask_ch=st.sampled_from([8, 16]),

@@ -1,70 +1,83 @@
-"""Mask pasting equal to visdet's ``_do_paste_mask`` (CPU path: one box per chunk, skip_empty=True).
+"""Mask pasting equal to visdet's ``_do_paste_mask`` (CPU path: one box per call, skip_empty=True).
 
-For each box (x1, y1, x2, y2) in the canvas frame, only the region ``[max(floor(y1) - 1, 0),
-min(ceil(y2) + 1, H))`` x (same for x) is written; there pixel centres ``i + 0.5`` are mapped to
-``g = (i + 0.5 - b1) / (b2 - b1) * 2 - 1`` (inf -> 0 for zero-size boxes) and sampled with
-``F.grid_sample(probs, grid, mode='bilinear', padding_mode='zeros', align_corners=False)``, i.e. source
-coordinate ``((g + 1) * m - 1) / 2`` with zero contribution from neighbours outside the mask.
-Bilinear sampling on a grid that is a product of a row and a column coordinate is separable:
-``value = Ay @ P @ Ax^T`` with per-box interpolation matrices Ay (H, mh), Ax (W, mw). The result is
-thresholded ``>= threshold`` (visdet's mask_thr_binary). Boxes are processed a few at a time
-(``lax.map``), so peak memory is O(chunk * H * W).
+For a box (x1, y1, x2, y2) in the canvas frame only the region rows ``[max(floor(y1) - 1, 0),
+min(ceil(y2) + 1, H))`` x columns (same for x) are written, everything else is 0 / False. There pixel
+centres ``i + 0.5`` map to ``g = (i + 0.5 - x1) / (x2 - x1) * 2 - 1`` (``inf -> 0`` for zero-size boxes;
+``0/0`` stays NaN, as in visdet) and are sampled by ``F.grid_sample(probs, grid, mode='bilinear',
+padding_mode='zeros', align_corners=False)``: source coordinate ``s = ((g + 1) * m - 1) / 2`` (computed as
+``(g + 1) * (m / 2) - 0.5``, like the vectorised CPU kernel),
+``w = s - floor(s)``, weights ``1 - w`` and ``w`` on ``floor(s)`` and ``floor(s) + 1``, neighbours outside
+the mask contribute 0. A product grid makes bilinear sampling separable: ``value = Ay @ P @ Ax^T`` with
+per-box interpolation matrices Ay (H, mh) and Ax (W, mw) (float32 results may differ from torch's
+2-D weight products by rounding, which can flip pixels lying exactly at the threshold).
+``paste_masks`` thresholds ``>= threshold`` (visdet's ``mask_thr_binary``). A box wholly outside the
+canvas has an empty region (visdet's ``torch.arange`` would raise there). Boxes go ``chunk`` at a time
+through a ``fori_loop`` writing into the result: peak memory O(chunk * H * W) besides the (N, H, W)
+result. Computed in ``promote_types(probs.dtype, float32)``.
 """
 from __future__ import annotations
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 
 
-def _interp_matrix(b0, b1, size, m, lo, hi):
+def _interp(b0, b1, size, m):
+    """(size, m) grid_sample weights for pixel centres 0.5 .. size - 0.5, and the region mask (size,)."""
     dt = b0.dtype
-    pix = jnp.arange(size, dtype=dt) + 0.5
-    g = (pix - b0) / (b1 - b0) * 2 - 1
-    g = jnp.where(jnp.isinf(g), 0.0, g)
-    src = ((g + 1) * m - 1) / 2
-    i0 = jnp.floor(src)
-    w1 = src - i0
-    w0 = (i0 + 1) - src
-    i0 = i0.astype(jnp.int32)
-    cols = jnp.arange(m)[None, :]
-    a = jnp.where(cols == i0[:, None], w0[:, None], 0) + jnp.where(cols == i0[:, None] + 1, w1[:, None], 0)
-    inside = (jnp.arange(size) >= lo) & (jnp.arange(size) < hi)
-    return jnp.where(inside[:, None], a, 0)
+    g = (jnp.arange(size, dtype=dt) + 0.5 - b0) / (b1 - b0) * 2 - 1
+    g = jnp.where(jnp.isinf(g), 0, g)
+    s = (g + 1) * (m / 2) - 0.5
+    i0 = jnp.floor(s)
+    w = s - i0
+    i0 = jnp.where(jnp.isnan(s), -2, i0).astype(jnp.int32)
+    cols = jnp.arange(m)
+    a = jnp.where(cols == i0[:, None], (1 - w)[:, None], 0) + jnp.where(cols == i0[:, None] + 1, w[:, None], 0)
+    a = jnp.where(jnp.isnan(s)[:, None], jnp.nan, a)  # visdet: a NaN coordinate gives NaN
+    pix = jnp.arange(size)
+    region = (pix >= jnp.maximum(jnp.floor(b0) - 1, 0)) & (pix < jnp.minimum(jnp.ceil(b1) + 1, size))
+    return a, region
 
 
-def _region(box, img_h, img_w):
-    x0 = jnp.maximum(jnp.floor(box[0]) - 1, 0)
-    y0 = jnp.maximum(jnp.floor(box[1]) - 1, 0)
-    x1 = jnp.minimum(jnp.ceil(box[2]) + 1, img_w)
-    y1 = jnp.minimum(jnp.ceil(box[3]) + 1, img_h)
-    return x0, y0, x1, y1
+def _paste_one(p, box, img_h, img_w):
+    ay, ry = _interp(box[1], box[3], img_h, p.shape[0])
+    ax, rx = _interp(box[0], box[2], img_w, p.shape[1])
+    hp = jax.lax.Precision.HIGHEST
+    out = jnp.matmul(jnp.matmul(ay, p, precision=hp), ax.T, precision=hp)
+    return jnp.where(ry[:, None] & rx[None, :], out, 0)
+
+
+@partial(jax.jit, static_argnames=("img_h", "img_w", "threshold", "chunk"))
+def _paste(probs, boxes, img_h, img_w, threshold, chunk):
+    n = probs.shape[0]
+    if n == 0:
+        return jnp.zeros((0, img_h, img_w), jnp.float32 if threshold is None else bool)
+
+    m = min(chunk, n)
+    dt = jnp.promote_types(probs.dtype, jnp.float32)
+    probs, boxes = probs.astype(dt), boxes.astype(dt)
+
+    def one(p, b):
+        out = _paste_one(p, b, img_h, img_w)
+        return out if threshold is None else out >= threshold
+
+    def body(i, out):  # the last chunk starts at n - m (recomputing a few masks): no padded copy
+        s = jnp.minimum(i * m, n - m)
+        p = jax.lax.dynamic_slice_in_dim(probs, s, m)
+        b = jax.lax.dynamic_slice_in_dim(boxes, s, m)
+        return jax.lax.dynamic_update_slice_in_dim(out, jax.vmap(one)(p, b), s, 0)
+
+    out = jnp.zeros((n, img_h, img_w), probs.dtype if threshold is None else bool)
+    return jax.lax.fori_loop(0, -(-n // m), body, out)
 
 
 def paste_masks_float(probs, boxes, img_h: int, img_w: int, chunk: int = 8):
-    """(N, mh, mw) probabilities -> (N, img_h, img_w) pasted probabilities (0 outside each region)."""
-    n, mh, mw = probs.shape
-
-    def one(args):
-        p, b = args
-        x0, y0, x1, y1 = _region(b, img_h, img_w)
-        ay = _interp_matrix(b[1], b[3], img_h, mh, y0, y1)
-        ax = _interp_matrix(b[0], b[2], img_w, mw, x0, x1)
-        hp = jax.lax.Precision.HIGHEST
-        return jnp.matmul(jnp.matmul(ay, p, precision=hp), ax.T, precision=hp)
-
-    if n == 0:
-        return jnp.zeros((0, img_h, img_w), probs.dtype)
-    return jax.lax.map(one, (probs, boxes.astype(probs.dtype)), batch_size=min(chunk, n))
+    """probs (N, mh, mw), boxes (N, 4) x1y1x2y2 in the canvas -> (N, img_h, img_w) pasted
+    probabilities (0 outside each box's region)."""
+    return _paste(probs, boxes, int(img_h), int(img_w), None, int(chunk))
 
 
 def paste_masks(probs, boxes, img_h: int, img_w: int, threshold: float, chunk: int = 8):
-    """(N, mh, mw) probabilities -> (N, img_h, img_w) bool masks (``>= threshold``)."""
-    n, mh, mw = probs.shape
-    if n == 0:
-        return jnp.zeros((0, img_h, img_w), bool)
-
-    def one(args):
-        p, b = args
-        return paste_masks_float(p[None], b[None], img_h, img_w, 1)[0] >= threshold
-
-    return jax.lax.map(one, (probs, boxes.astype(probs.dtype)), batch_size=min(chunk, n))
+    """probs (N, mh, mw), boxes (N, 4) -> (N, img_h, img_w) bool masks ``pasted >= threshold``."""
+    return _paste(probs, boxes, int(img_h), int(img_w), float(threshold), int(chunk))

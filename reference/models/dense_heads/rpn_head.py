@@ -60,7 +60,8 @@ class RPNHead(nn.Module):
             reg = reg.permute(1, 2, 0).reshape(-1, 4)
             cls = cls.permute(1, 2, 0).reshape(-1, self.cls_out_channels)
             scores = cls.sigmoid() if self.use_sigmoid_cls else cls.softmax(-1)[:, :-1]
-            scores = torch.squeeze(scores)
+            scores = scores.reshape(-1) if scores.dim() > 1 and scores.shape[1] == 1 else torch.squeeze(scores)
+            # (visdet squeezes, which turns a level with a single anchor into a 0-d tensor and crashes)
             if 0 < nms_pre < scores.shape[0]:
                 ranked, rank_inds = scores.sort(descending=True)
                 topk = rank_inds[:nms_pre]
