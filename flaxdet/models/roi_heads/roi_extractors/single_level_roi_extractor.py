@@ -18,8 +18,9 @@ class RoIAlign(nnx.Module):
         self.sampling_ratio = int(cfg.sampling_ratio)
         self.aligned = bool(cfg.aligned)
 
-    def __call__(self, feats, rois):
-        return roi_align(feats, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+    def __call__(self, feats, rois, valid=None):
+        return roi_align(feats, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned,
+                         valid=valid)
 
 
 def map_roi_levels(rois, num_levels, finest_scale=56):
@@ -42,6 +43,6 @@ class SingleRoIExtractor(nnx.Module):
         lvls = map_roi_levels(rois, len(feats), self.cfg.finest_scale)
         out = None
         for i, f in enumerate(feats):
-            r = self.roi_layers[i](f, rois)
+            r = self.roi_layers[i](f, rois, valid=lvls == i)  # other levels' RoIs are skipped, not computed
             out = r if out is None else jnp.where((lvls == i)[:, None, None, None], r, out)
         return out
