@@ -195,17 +195,11 @@ def cmd_eval(args):
     from pathlib import Path
 
     from flaxdet.evaluation import evaluate
-    from flaxdet.tools import load_any_model
+    from flaxdet.tools import load_any_model, reference_twin
 
     model, _ = load_any_model(args.checkpoint, args.config)
     if args.backend == "reference":
-        from flaxdet_converters.convert import export_visdet_state_dict
-        from flaxdet_reference import build_detector
-        from flaxdet_reference.models import load_state_dict_strict
-
-        ref = build_detector(model.cfg)
-        load_state_dict_strict(ref, export_visdet_state_dict(model))
-        model = ref
+        model = reference_twin(model)
     out = Path(args.out)
     m = evaluate(model, args.ann, args.images, _scale(args.scale), args.backend, out / "results.json",
                  progress=not args.no_progress, bucket=args.bucket)

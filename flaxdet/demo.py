@@ -127,13 +127,9 @@ def main():
 
 def _reference_map(model, ann):
     from flaxdet.evaluation import evaluate
-    from flaxdet_converters.convert import export_visdet_state_dict
-    from flaxdet_reference import build_detector
-    from flaxdet_reference.models import load_state_dict_strict
+    from flaxdet.tools import reference_twin
 
-    ref = build_detector(model.cfg)
-    load_state_dict_strict(ref, export_visdet_state_dict(model))
-    return evaluate(ref, ann, scale=SCALE, backend="reference", progress=False)
+    return evaluate(reference_twin(model), ann, scale=SCALE, backend="reference", progress=False)
 
 
 if __name__ == "__main__":

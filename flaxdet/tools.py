@@ -70,6 +70,17 @@ def load_any_model(checkpoint, config=None):
     return model, ck.classes
 
 
+def reference_twin(model):
+    """reference/ (PyTorch) model with the same config and weights as a flaxdet model."""
+    from flaxdet_converters.convert import export_visdet_state_dict
+    from flaxdet_reference import build_detector
+    from flaxdet_reference.models import load_state_dict_strict
+
+    ref = build_detector(model.cfg)
+    load_state_dict_strict(ref, export_visdet_state_dict(model))
+    return ref
+
+
 def run_parity(config, checkpoint, image, against="reference", out_dir="parity_out", scale=(1333, 800),
                log=print):
     """Run flaxdet and the PyTorch side on one image; returns (rows, report dict)."""
