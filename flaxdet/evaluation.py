@@ -62,6 +62,12 @@ def evaluate(model, ann_file, img_dir=None, scale=(1333, 800), backend="flaxdet"
     from flaxdet.data.transforms import load_image, resize_keep_ratio
 
     ds = CocoDataset(ann_file, img_dir)
+    n_model = model.cfg.roi_head.bbox_head.num_classes
+    if n_model != len(ds.classes):
+        from flaxdet.data.coco import DatasetError
+
+        raise DatasetError(f"the model predicts {n_model} classes but {ann_file} has {len(ds.classes)} "
+                           f"categories ({ds.classes}); evaluate a model fine-tuned on this label set")
     predict = _predict_fn(model, backend, ds.classes, bucket)
     results, ids = [], []
     recs = ds.records[:max_images] if max_images else ds.records
