@@ -89,7 +89,7 @@ def run_parity(config, checkpoint, image, against="reference", out_dir="parity_o
     from flaxdet.data.transforms import prepare_test_image
     from flaxdet.inference import Detector, make_batch, unpad
     from flaxdet.parity import format_table
-    from flaxdet.parity.harness import compare_stages, flaxdet_stages, torch_stages
+    from flaxdet.parity.harness import compare_stages, flaxdet_stages, geometry_of, torch_stages
     from flaxdet.visualize import plot_parity
     from flaxdet_converters.checkpoint_io import load_checkpoint
 
@@ -121,7 +121,8 @@ def run_parity(config, checkpoint, image, against="reference", out_dir="parity_o
     dets, stages = det.predict_batch(batch, with_stages=True)
     dets, stages = jax.device_get((dets, stages))
     ours = flaxdet_stages(stages, unpad(dets, batch)[0])
-    rows = compare_stages(ours, theirs)
+    bgeo, mgeo = geometry_of(cfg)
+    rows = compare_stages(ours, theirs, bbox_geometry=bgeo, mask_geometry=mgeo, scale_factor=meta["scale_factor"])
     table = format_table(rows)
     log(table)
     out = Path(out_dir)

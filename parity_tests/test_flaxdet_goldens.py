@@ -16,7 +16,7 @@ from flaxdet.config import load_config
 from flaxdet.inference import Detector, make_batch, unpad
 from flaxdet.models.detectors.two_stage import build_detector
 from flaxdet.parity import TOLERANCES, compare_array, compare_detections, format_table
-from flaxdet.parity.harness import compare_stages, flaxdet_stages
+from flaxdet.parity.harness import compare_stages, flaxdet_stages, geometry_of
 from flaxdet_converters.checkpoint_io import load_checkpoint
 from flaxdet_converters.convert import load_visdet_state_dict
 from parity_tests.goldens import CASES, GOLDENS, IMAGES, WEIGHT_FILES, config_path, golden_image
@@ -61,7 +61,8 @@ def test_end_to_end_jit(case, image, weights):
     batch = make_batch([g["input_bgr_uint8"]], [g.meta])
     dets, stages = jax.device_get(det.predict_batch(batch, with_stages=True))
     ours = flaxdet_stages(stages, unpad(dets, batch)[0])
-    rows = compare_stages(ours, g.arrays)
+    bgeo, mgeo = geometry_of(det.cfg)
+    rows = compare_stages(ours, g.arrays, bbox_geometry=bgeo, mask_geometry=mgeo, scale_factor=g.meta["scale_factor"])
     check(rows)
     assert ours["_n_proposals"] == len(g["proposals.bboxes"])
 

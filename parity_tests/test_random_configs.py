@@ -16,7 +16,7 @@ from flaxdet.config import load_config
 from flaxdet.inference import Detector, make_batch, unpad
 from flaxdet.models.detectors.two_stage import build_detector as build_flax
 from flaxdet.parity import compare_array, format_table
-from flaxdet.parity.harness import compare_stages, flaxdet_stages, torch_stages
+from flaxdet.parity.harness import compare_stages, flaxdet_stages, geometry_of, torch_stages
 from flaxdet_converters.convert import load_visdet_state_dict
 from flaxdet_reference import build_detector as build_ref
 
@@ -97,5 +97,6 @@ def test_random_config_end_to_end(depth, base, style, classes, fc, mask_ch, h0, 
     first.update({k: theirs[k][:n_prop] for k in ("bbox_roi_extractor", "bbox_head.cls_score", "bbox_head.bbox_pred")})
     first.update({k: theirs[k][:n_det] for k in ("mask_roi_extractor", "mask_head.mask_preds") if k in theirs})
     first.update({k: v for k, v in theirs.items() if k.startswith(("proposals", "det."))})
-    rows += compare_stages(ours, first)
+    bgeo, mgeo = geometry_of(cfg)
+    rows += compare_stages(ours, first, bbox_geometry=bgeo, mask_geometry=mgeo, scale_factor=metas[0]["scale_factor"])
     assert all(r.passed for r in rows), "\n" + format_table(rows)

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 _HI = jax.lax.Precision.HIGHEST
+SMALL_WINDOWS = (8, 16, 24, 32)  # crop tiers below ``window`` (see _roi_align)
 
 
 def _geometry(roi, scale, out_hw, sampling_ratio, aligned):
@@ -106,8 +107,10 @@ def _crop_fwd(feat, roi, win, args):
     """One RoI from the (win_h, win_w) crop of its image's map that holds its support."""
     start, wy, wx, count = _plan(roi, win, feat.shape[1:3], args)
     patch = jax.lax.dynamic_slice(feat, start, (1, *win, feat.shape[3]))[0]
-    t = jnp.einsum("ph,hwc->pwc", wy, patch, precision=_HI)  # rows first: a plain batched matmul
-    return jnp.einsum("pwc,qw->pqc", t, wx, precision=_HI) / count
+    # rows first as one matmul (oh, win_h) @ (win_h, win_w * C); the column contraction is a fused
+    # multiply-sum (a second dot would transpose the crop: measured 1.5x slower on XLA:CPU)
+    t = jnp.matmul(wy, patch.reshape(win[0], -1), precision=_HI).reshape(wy.shape[0], win[1], -1)
+    return (t[:, None] * wx[None, :, :, None]).sum(2) / count
 
 
 def _crop_bwd(d, roi, g, win, args):
@@ -176,16 +179,26 @@ def _roi_align(features, rois, valid, output_size, spatial_scale, sampling_ratio
     rois = jax.lax.stop_gradient(rois).astype(jnp.promote_types(features.dtype, jnp.float32))
     args = (output_size, spatial_scale, sampling_ratio, aligned)
     tiers = sorted({(min(window, h), min(window, w)), (min(big_window, h), min(big_window, w)), (h, w)})
-    # valid RoIs first, in whole chunks (no separate remainder body: half the compile time); chunks
-    # without a valid RoI are skipped (lax.cond), e.g. the RoIs of other levels in an FPN extractor
+    # Window tiers: each RoI is contracted on the smallest square crop (SMALL_WINDOWS up to ``window``)
+    # that holds its support -- the crop copy dominates the cost, so a 20-pixel RoI must not pay for a
+    # 48-pixel crop. RoIs are sorted (valid first, then by tier) and cut into whole chunks; each chunk
+    # runs at the tier of its largest RoI (lax.switch inside lax.map: only that branch runs), chunks
+    # without a valid RoI are skipped (e.g. the RoIs of other levels in an FPN extractor). RoIs that fit
+    # no small tier are computed at the largest and redone below on a bigger crop.
+    small = sorted({(min(t, h), min(t, w)) for t in SMALL_WINDOWS if t < window} | {tiers[0]})
+    fit = sum((~jax.vmap(lambda r, t=t: _fits(r, t, (h, w), args))(rois)).astype(jnp.int32) for t in small)
+    key = jnp.where(valid, jnp.minimum(fit, len(small) - 1), len(small))
     m = min(chunk, k)
     n = -(-k // m)
-    perm = jnp.argsort(~valid, stable=True)
-    r = jnp.concatenate([rois[perm], jnp.zeros((n * m - k, 5), rois.dtype)]).reshape(n, m, 5)
-    live = jnp.concatenate([valid[perm], jnp.zeros(n * m - k, bool)]).reshape(n, m).any(1)
-    small = jax.vmap(lambda r: _crop_fwd(features, r, tiers[0], args))
+    perm = jnp.argsort(key, stable=True)
+    pad = n * m - k
+    r = jnp.concatenate([rois[perm], jnp.zeros((pad, 5), rois.dtype)]).reshape(n, m, 5)
+    ck = jnp.concatenate([key[perm], jnp.full(pad, len(small), key.dtype)]).reshape(n, m)
+    live = ck.min(1) < len(small)
+    branch = jnp.where(live, jnp.max(jnp.where(ck < len(small), ck, 0), 1) + 1, 0)
     zeros = jnp.zeros((m, *output_size, c), rois.dtype)
-    out = jax.lax.map(lambda x: jax.lax.cond(x[1], small, lambda _: zeros, x[0]), (r, live))
+    branches = [lambda _: zeros] + [jax.vmap(lambda r, t=t: _crop_fwd(features, r, t, args)) for t in small]
+    out = jax.lax.map(lambda x: jax.lax.switch(x[1], branches, x[0]), (r, branch))
     out = out.reshape(n * m, *output_size, c)[jnp.argsort(perm)]
     if len(tiers) > 1:  # tier: how many crops (smallest first, full map excluded) the RoI does not fit
         tier = sum((~jax.vmap(lambda r, t=t: _fits(r, t, (h, w), args))(rois)).astype(jnp.int32)
@@ -195,7 +208,7 @@ def _roi_align(features, rois, valid, output_size, spatial_scale, sampling_ratio
 
 
 def roi_align(features, rois, output_size, spatial_scale: float, sampling_ratio: int = 0,
-              aligned: bool = True, chunk: int = 64, *, window: int = 48, big_window: int = 96, valid=None):
+              aligned: bool = True, chunk: int = 32, *, window: int = 48, big_window: int = 96, valid=None):
     """features (B, H, W, C); rois (K, 5) [batch_idx, x1, y1, x2, y2] in image coordinates ->
     (K, oh, ow, C). ``valid`` (K,) bool, optional: False rows are skipped and give zeros."""
     out_hw = (output_size, output_size) if isinstance(output_size, int) else tuple(int(s) for s in output_size)

@@ -49,8 +49,12 @@ TOLERANCES: dict[str, Tol] = {
     "det.bboxes": Tol(1e-5, "decode of bbox_pred, / scale_factor; scale-relative (pixels / image size)"),
     # End to end (no teacher forcing): the conv error moves proposal boxes by ~1e-4 px, which moves
     # RoIAlign sample points; the error reaching the heads is larger but still tiny.
-    "e2e.features": Tol(1e-4, "RoI features/head outputs downstream of ~1e-6 conv error through moved "
-                              "sampling points; observed <= 2.1e-5"),
+    "e2e.features": Tol(3e-4, "RoI features/head outputs on boxes that moved within the 1e-2 px contract: "
+                              "the error is feature gradient x box shift, so it scales with the box error. "
+                              "Observed <= 2.1e-5 (boxes <= 1.7e-3 px); on an AVX-512 Xeon (2026-12) R50 "
+                              "'color' det boxes moved 3.8e-3 px and mask RoI features 1.1e-4 -- 1e-2 px "
+                              "would give ~2.9e-4. Rows across a RoIAlign discontinuity (level or sample "
+                              "grid flip) are excluded and counted instead (harness.sampling_flips)"),
     "e2e.det.bboxes_px": Tol(1e-2, "absolute pixels in the original image (issue contract); observed 4e-4"),
     "e2e.det.scores": Tol(1e-4, "absolute (issue contract); observed 1.1e-5"),
     # Training (visdet's recorded step replayed with its sampled indices and proposals injected).

@@ -8,6 +8,8 @@ visdet goldens (whose ``*.first128``/``*.first32`` arrays hold the leading rows)
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from flaxdet.parity import (MASK_PIXELS_PER_IMAGE, TOLERANCES, Row, compare_array, compare_detections,
@@ -63,9 +65,63 @@ def _row_match(ours_boxes, theirs_boxes, atol):
     return m
 
 
-def compare_stages(ours: dict, theirs: dict, teacher_forced: bool = False) -> list[Row]:
+@dataclass(frozen=True)
+class RoIGeometry:
+    """What decides RoIAlign's sampling for a box, for :func:`sampling_flips`: the FPN level
+    (``floor(log2(sqrt(area) / finest_scale + 1e-6))``) and, with the adaptive grid
+    (``sampling_ratio == 0``), the per-bin sample counts ``ceil(side / stride / output_size)``."""
+    strides: tuple
+    finest_scale: float
+    output_size: tuple
+    sampling_ratio: int
+
+    @classmethod
+    def from_extractor_cfg(cls, cfg):
+        size = cfg.roi_layer.output_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return cls(tuple(cfg.featmap_strides), float(cfg.finest_scale), size, int(cfg.roi_layer.sampling_ratio))
+
+
+def sampling_flips(ours_boxes, theirs_boxes, geom: RoIGeometry | None, scale_factor=None, rel=1e-5):
+    """(n,) bool: rows where RoIAlign's sampling is discontinuous between the two boxes -- the FPN
+    level or an adaptive sample count differs (or sits within ``rel`` of flipping). Two boxes 1e-3 px
+    apart that straddle ``bin == 1.0`` sample a 1x1 vs 2x2 grid: the features legitimately differ, so
+    such rows are skipped (and counted) like tie flips. Boxes in the frame RoIAlign saw: ``scale_factor``
+    (w, h, w, h) maps detections back from the original image."""
+    n = min(len(ours_boxes), len(theirs_boxes))
+    out = np.zeros(len(theirs_boxes), bool)
+    if geom is None or n == 0:
+        return out
+    sf = np.ones(4) if scale_factor is None else np.resize(np.asarray(scale_factor, np.float64), 4)
+    a, b = (np.asarray(x[:n], np.float64) * sf for x in (ours_boxes, theirs_boxes))
+
+    def straddles(u, v, first):  # differ, and an integer >= first lies in [min - tol, max + tol]
+        lo, hi = np.minimum(u, v), np.maximum(u, v)
+        tol = rel * np.maximum(np.abs(hi), 1)
+        return (u != v) & (np.maximum(np.ceil(lo - tol), first) <= hi + tol)
+
+    def level_arg(x):
+        return np.log2(np.sqrt(np.maximum((x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1]), 0)) / geom.finest_scale + 1e-6)
+
+    la, lb = level_arg(a), level_arg(b)
+    nl = len(geom.strides)
+    lvl = np.clip(np.floor(lb), 0, nl - 1).astype(int)
+    flip = straddles(la, lb, 1) & (np.minimum(la, lb) < nl - 1)  # boundaries between levels 0 .. nl-1
+    if geom.sampling_ratio <= 0:
+        stride = np.asarray(geom.strides, np.float64)[lvl]
+        for axis, (lo, hi) in enumerate(((1, 3), (0, 2))):
+            n_out = geom.output_size[axis]
+            flip |= straddles((a[:, hi] - a[:, lo]) / stride / n_out, (b[:, hi] - b[:, lo]) / stride / n_out, 1)
+    out[:n] = flip
+    return out
+
+
+def compare_stages(ours: dict, theirs: dict, teacher_forced: bool = False, bbox_geometry: RoIGeometry | None = None,
+                   mask_geometry: RoIGeometry | None = None, scale_factor=None) -> list[Row]:
     """All comparable stages. End to end (default) the RoI stages are compared on the rows whose
-    input boxes agree (a tie flip upstream changes which box sits in a row)."""
+    input boxes agree (a tie flip upstream changes which box sits in a row) and, given the
+    extractors' geometry, whose RoIAlign sampling agrees (:func:`sampling_flips`; ``scale_factor``
+    maps detections to the resized frame the mask RoIs were sampled in)."""
     rows = []
     for k in sorted((k for k in theirs if k.startswith(DENSE_PREFIXES)), key=_stage_order):
         if k in ours:
@@ -77,25 +133,28 @@ def compare_stages(ours: dict, theirs: dict, teacher_forced: bool = False) -> li
                                    {k: theirs[f"proposals.{k}"] for k in ("bboxes", "scores")},
                                    box_atol=box_px, score_atol=score_tol)
         same = _row_match(ours["proposals.bboxes"], theirs["proposals.bboxes"], box_px)
+        grid = same & ~sampling_flips(ours["proposals.bboxes"], theirs["proposals.bboxes"], bbox_geometry)
     else:
-        same = None
+        same = grid = None
     for k in ("bbox_roi_extractor", "bbox_head.cls_score", "bbox_head.bbox_pred"):
         t = _first(theirs, k)
         if t is None or k not in ours:
             continue
         o = ours[k][: len(t)]
         m = same[: len(t)] if same is not None and len(o) == len(t) else np.ones(len(t), bool)
+        g = grid[: len(t)] if grid is not None and len(o) == len(t) else m
         if len(o) != len(t):
             rows.append(Row(k, t.shape, float("inf"), float("inf"), 0, False, f"{len(o)} rows vs {len(t)}"))
             continue
         tol = tolerance_for(k) if teacher_forced else TOLERANCES["e2e.features"]
-        rows.append(_with_note(compare_array(k, o[m], t[m], tol), m))
+        rows.append(_with_note(compare_array(k, o[g], t[g], tol), m, g))
     if "det.bboxes" in theirs and "det.bboxes" in ours:
         det_keys = [k for k in ("bboxes", "scores", "labels", "masks") if f"det.{k}" in theirs and f"det.{k}" in ours]
         rows += compare_detections("det", {k: ours[f"det.{k}"] for k in det_keys},
                                    {k: theirs[f"det.{k}"] for k in det_keys}, box_atol=box_px,
                                    score_atol=score_tol, mask_pixels=MASK_PIXELS_PER_IMAGE)
         dsame = _row_match(ours["det.bboxes"], theirs["det.bboxes"], box_px)
+        dgrid = dsame & ~sampling_flips(ours["det.bboxes"], theirs["det.bboxes"], mask_geometry, scale_factor)
         for k in ("mask_roi_extractor", "mask_head.mask_preds"):
             t = _first(theirs, k)
             if t is None or k not in ours:
@@ -104,16 +163,29 @@ def compare_stages(ours: dict, theirs: dict, teacher_forced: bool = False) -> li
             if len(o) != len(t):
                 rows.append(Row(k, t.shape, float("inf"), float("inf"), 0, False, f"{len(o)} rows vs {len(t)}"))
                 continue
-            m = dsame[: len(t)]
+            m, g = dsame[: len(t)], dgrid[: len(t)]
             tol = tolerance_for(k) if teacher_forced else TOLERANCES["e2e.features"]
-            rows.append(_with_note(compare_array(k, o[m], t[m], tol), m))
+            rows.append(_with_note(compare_array(k, o[g], t[g], tol), m, g))
     return rows
 
 
-def _with_note(row: Row, mask) -> Row:
+def _with_note(row: Row, mask, grid=None) -> Row:
+    notes = [row.note] if row.note else []
     if not mask.all():
-        row.note = (row.note + "; " if row.note else "") + f"{int((~mask).sum())} row(s) skipped: input box tie-flipped"
+        notes.append(f"{int((~mask).sum())} row(s) skipped: input box tie-flipped")
+    flips = int((mask & ~grid).sum()) if grid is not None else 0
+    if flips:
+        notes.append(f"{flips} row(s) skipped: RoIAlign level/sample grid flipped")
+    row.note = "; ".join(notes)
+    row.extra["sampling_flips"] = flips
     return row
+
+
+def geometry_of(model_cfg):
+    """(bbox, mask) :class:`RoIGeometry` of a two-stage config (mask None without a mask branch)."""
+    rh = model_cfg.roi_head
+    mask = RoIGeometry.from_extractor_cfg(rh.mask_roi_extractor) if rh.mask_head is not None else None
+    return RoIGeometry.from_extractor_cfg(rh.bbox_roi_extractor), mask
 
 
 def _stage_order(k):

@@ -1,6 +1,8 @@
 """StandardRoIHead (visdet ``roi_heads/standard_roi_head.py``), static-shape predict path."""
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -56,12 +58,38 @@ class StandardRoIHead(nnx.Module):
         return dets, {"bbox_roi_extractor": roi_feats, "bbox_head.cls_score": cls, "bbox_head.bbox_pred": reg}
 
     def predict_mask(self, feats, dets, scale_factors, canvas_hw, rescale=True):
+        """Masks for the valid detections. visdet runs the mask branch on the detections it has (none
+        when there are none); with a static D the cost would be that of D every time, so the branch is
+        compiled for ``mask_buckets(D)`` row counts and ``lax.switch`` runs the smallest that holds the
+        batch's largest valid count (detections are valid-first). Rows past it are zeros/False."""
         n, d, _ = dets["bboxes"].shape
-        roi_feats, logits = self.mask_forward(feats, bbox2roi(dets["bboxes"]))
         thr = self.cfg.test_cfg.mask_thr_binary
-        fn = lambda lg, b, lab, sf: self.mask_head.predict_single(lg, b, lab, sf, canvas_hw, thr, rescale)  # noqa
-        masks, boxes = jax.vmap(fn)(logits.reshape(n, d, *logits.shape[1:]), dets["bboxes"], dets["labels"],
-                                    scale_factors)
+        sizes = mask_buckets(d)
+
+        def run(k):
+            sub = {key: v[:, :k] for key, v in dets.items()}
+            roi_feats, logits = self.mask_forward(feats, bbox2roi(sub["bboxes"]))
+            fn = lambda lg, b, lab, sf: self.mask_head.predict_single(lg, b, lab, sf, canvas_hw, thr, rescale)  # noqa
+            masks, boxes = jax.vmap(fn)(logits.reshape(n, k, *logits.shape[1:]), sub["bboxes"], sub["labels"],
+                                        scale_factors)
+
+            def pad(a, per_image=True):
+                a = a if per_image else a.reshape(n, k, *a.shape[1:])
+                a = jnp.pad(a, [(0, 0), (0, d - k)] + [(0, 0)] * (a.ndim - 2))
+                return a if per_image else a.reshape(n * d, *a.shape[2:])
+
+            return pad(masks), pad(boxes), pad(roi_feats, False), pad(logits, False)
+
+        shapes = jax.eval_shape(lambda: run(sizes[0]))
+        none = lambda: tuple(jnp.zeros(x.shape, x.dtype) for x in shapes)  # noqa: E731
+        count = dets["valid"].sum(1).max()
+        branch = jnp.where(count > 0, 1 + jnp.searchsorted(jnp.asarray(sizes), count), 0)
+        masks, boxes, roi_feats, logits = jax.lax.switch(branch, [none] + [partial(run, k) for k in sizes])
         masks = masks & dets["valid"][:, :, None, None]
         out = dict(dets, bboxes=jnp.where(dets["valid"][..., None], boxes, 0), masks=masks)
         return out, {"mask_roi_extractor": roi_feats, "mask_head.mask_preds": logits}
+
+
+def mask_buckets(d):
+    """Static row counts the mask branch is compiled for: D/8, D/4, D/2, D (rounded up, distinct)."""
+    return tuple(sorted({max(1, -(-d // f)) for f in (8, 4, 2, 1)})) if d > 0 else (0,)

@@ -64,3 +64,52 @@ def test_fcn_mask_head(num_convs, classes, agnostic, seed):
         want = ref.eval()(torch.from_numpy(x)).numpy()
     got = jax.jit(flax)(nchw_to_nhwc(x))
     assert rel_err(nhwc_to_nchw(got), want) <= tolerance_for("mask_head").rtol
+
+
+def test_mask_branch_buckets_equal_full():
+    """predict_mask runs the mask head on the smallest row bucket holding the valid detections
+    (lax.switch); valid rows must equal running it on all D rows (up to conv rounding: another
+    batch size may block the GEMMs differently), padded rows must be empty."""
+    from flaxdet.config import load_config
+    from flaxdet.models.detectors.two_stage import build_detector
+    from flaxdet.models.roi_heads.standard_roi_head import mask_buckets
+    from parity_tests.goldens import GOLDENS, require_goldens
+
+    require_goldens()
+    rh = build_detector(load_config(GOLDENS / "mask_rcnn_tiny_r18" / "config.yaml"), seed=3).roi_head
+    d = 12
+    assert mask_buckets(d) == (2, 3, 6, 12) and mask_buckets(100) == (13, 25, 50, 100)
+    sf = jnp.ones((2, 4), jnp.float32)
+    run = jax.jit(lambda f, dt: rh.predict_mask(f, dt, sf, (128, 128)))
+    for seed, counts in enumerate([(0, 0), (0, 1), (2, 3), (5, 1), (12, 7)]):  # each bucket, and none
+        rng = np.random.default_rng(seed)
+        feats = tuple(jnp.asarray(rng.normal(size=(2, 96 // s, 128 // s, rh.mask_roi_extractor.cfg.out_channels)),
+                                  jnp.float32) for s in (4, 8, 16, 32, 64))
+        xy = rng.uniform(0, 80, (2, d, 2))
+        boxes = jnp.asarray(np.concatenate([xy, xy + rng.uniform(4, 60, (2, d, 2))], -1), jnp.float32)
+        v = np.arange(d)[None] < np.asarray(counts)[:, None]
+        dets = dict(bboxes=boxes, scores=jnp.ones((2, d)), labels=jnp.asarray(rng.integers(0, 3, (2, d)), jnp.int32),
+                    valid=jnp.asarray(v))
+        out, st_ = run(feats, dets)
+        full, st_full = run(feats, dict(dets, valid=jnp.ones((2, d), bool)))
+        assert (np.asarray(out["masks"])[v] != np.asarray(full["masks"])[v]).sum() <= 2  # 0.5-threshold ties
+        assert not np.asarray(out["masks"])[~v].any()
+        rows = v.reshape(-1)
+        for k in ("mask_roi_extractor", "mask_head.mask_preds") if rows.any() else ():
+            assert rel_err(np.asarray(st_[k])[rows], np.asarray(st_full[k])[rows]) <= tolerance_for("mask_head").rtol, k
+
+
+def test_sampling_flips():
+    """Rows whose boxes straddle a RoIAlign discontinuity (level, adaptive grid) are flagged; others not."""
+    from flaxdet.parity.harness import RoIGeometry, sampling_flips
+
+    geo = RoIGeometry(strides=(4, 8, 16, 32), finest_scale=56, output_size=(7, 7), sampling_ratio=0)
+    base = np.array([[10, 10, 38, 30.0],  # bin_w = 28 / 4 / 7 = 1.0 exactly
+                     [0, 0, 50, 50.0],  # interior: nothing near a boundary
+                     [0, 0, 112, 112.0]])  # sqrt(area) / 56 = 2: level boundary 0 | 1
+    moved = base + np.array([[0, 0, 1e-3, 0], [0, 0, 1e-3, 0], [0, 0, 1e-3, 1e-3]])
+    assert sampling_flips(moved, base, geo).tolist() == [True, False, True]
+    assert not sampling_flips(base, base, geo).any()  # identical boxes never flip
+    assert not sampling_flips(moved, base, None).any()
+    fixed = RoIGeometry(strides=(4, 8, 16, 32), finest_scale=56, output_size=(7, 7), sampling_ratio=2)
+    assert sampling_flips(moved, base, fixed).tolist() == [False, False, True]  # fixed grid: level only
