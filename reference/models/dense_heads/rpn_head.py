@@ -1,4 +1,5 @@
-"""RPNHead (visdet ``models/dense_heads/rpn_head.py`` + ``anchor_head.py``), test path."""
+"""RPNHead (visdet ``models/dense_heads/rpn_head.py`` + ``anchor_head.py``): test path, and the training
+losses (:class:`AnchorHead`) with visdet's names ``loss_rpn_cls`` / ``loss_rpn_bbox`` (lists over levels)."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +8,7 @@ from torch import nn
 from torchvision.ops import nms as tv_nms
 
 from flaxdet.config import RPNHeadCfg, RPNProposalCfg
+from flaxdet_reference.models.dense_heads.anchor_head import AnchorHead
 from flaxdet_reference.models.layers import ConvModule
 from flaxdet_reference.models.task_modules.coders.delta_xywh_bbox_coder import DeltaXYWHBBoxCoder
 from flaxdet_reference.models.task_modules.prior_generators.anchor_generator import AnchorGenerator
@@ -19,7 +21,7 @@ def rpn_batched_nms(boxes, scores, level_ids, iou_threshold):
     return keep
 
 
-class RPNHead(nn.Module):
+class RPNHead(AnchorHead):
     def __init__(self, cfg: RPNHeadCfg):
         super().__init__()
         self.cfg = cfg
@@ -37,6 +39,7 @@ class RPNHead(nn.Module):
             self.rpn_conv = nn.Conv2d(cfg.in_channels, cfg.feat_channels, 3, padding=1)
         self.rpn_cls = nn.Conv2d(cfg.feat_channels, self.num_base_priors * self.cls_out_channels, 1)
         self.rpn_reg = nn.Conv2d(cfg.feat_channels, self.num_base_priors * 4, 1)
+        self.init_train(cfg)
 
     def forward_single(self, x):
         x = F.relu(self.rpn_conv(x))
@@ -45,6 +48,19 @@ class RPNHead(nn.Module):
     def forward(self, feats):
         outs = [self.forward_single(x) for x in feats]
         return [o[0] for o in outs], [o[1] for o in outs]
+
+    def loss_by_feat(self, cls_scores, bbox_preds, gts, img_metas, generator=None, inject=None, stages=None):
+        losses = super().loss_by_feat(cls_scores, bbox_preds, gts, img_metas, generator, inject, stages)
+        return {"loss_rpn_cls": losses["loss_cls"], "loss_rpn_bbox": losses["loss_bbox"]}
+
+    def loss_and_predict(self, x, gts, img_metas, proposal_cfg, generator=None, inject=None, stages=None):
+        """Losses and train-mode proposals (from detached head outputs) -- visdet's
+        ``BaseDenseHead.loss_and_predict``."""
+        cls_scores, bbox_preds = self(x)
+        losses = self.loss_by_feat(cls_scores, bbox_preds, gts, img_metas, generator, inject, stages)
+        if stages is not None:
+            stages["rpn_head.cls_score"], stages["rpn_head.bbox_pred"] = cls_scores, bbox_preds
+        return losses, self.predict_by_feat(cls_scores, bbox_preds, img_metas, proposal_cfg)
 
     def predict_by_feat(self, cls_scores, bbox_preds, img_metas, cfg: RPNProposalCfg):
         sizes = [c.shape[-2:] for c in cls_scores]

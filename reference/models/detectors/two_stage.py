@@ -1,7 +1,11 @@
-"""TwoStageDetector / FasterRCNN / MaskRCNN (visdet ``models/detectors/two_stage.py``), predict path."""
+"""TwoStageDetector / FasterRCNN / MaskRCNN (visdet ``models/detectors/two_stage.py``): predict path and
+the training loss (``loss``), with visdet's ``parse_losses``."""
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flaxdet.config import TwoStageDetectorCfg
@@ -82,6 +86,72 @@ class TwoStageDetector(nn.Module):
             for k, v in results[0].items():
                 stages[f"det.{k}"] = v
         return results
+
+    # -- training -----------------------------------------------------------------------------------
+    def loss(self, images, img_metas, gt_instances, inject=None, generator=None, stages=None):
+        """visdet's ``TwoStageDetector.loss`` on a batch, from the data preprocessor on.
+
+        images: list of (3,H,W) uint8 tensors (BGR as loaded); img_metas: dicts with ``img_shape`` (h, w)
+        (default: the image size); gt_instances: per image dict(bboxes (k,4) float, labels (k,) long[,
+        masks (k,h,w) uint8]) in the network-input frame. Randomness: ``generator`` (a torch.Generator;
+        None = the global RNG, as visdet) or ``inject`` = dict(rpn=[per image dict(pos_inds, neg_inds)
+        into its valid-anchor list], rcnn=[... into [GTs; proposals]], proposals=[per image (P_i, 4)]),
+        any part optional. Returns visdet's raw loss dict (``loss_rpn_cls``/``loss_rpn_bbox`` lists over
+        levels; ``loss_cls``, ``acc``, ``loss_bbox``, ``loss_mask``): :func:`parse_losses` gives the total
+        and the log. ``stages`` (a dict) receives the intermediates.
+        """
+        if self.cfg.train_cfg is None:
+            raise ValueError("this model config has no train_cfg: it cannot compute training losses")
+        inject = inject or {}
+        batch, batch_shape = self.data_preprocessor(images)
+        d = self.data_preprocessor.cfg.pad_size_divisor
+        metas = []
+        for img, m in zip(images, img_metas):
+            h, w = img.shape[-2:]
+            metas.append(dict(img_shape=tuple(m.get("img_shape", (h, w)))[:2], batch_input_shape=batch_shape,
+                              pad_shape=(int(math.ceil(h / d)) * d, int(math.ceil(w / d)) * d)))
+        gts = [self._gt_tensors(g, batch_shape) for g in gt_instances]
+        x = self.extract_feat(batch)
+        if stages is not None:
+            stages.update(preprocessed=batch, metas=metas, neck=x)
+        rpn_gts = [dict(g, labels=torch.zeros_like(g["labels"])) for g in gts]  # RPN: one foreground class
+        proposal_cfg = self.cfg.train_cfg.rpn_proposal or self.cfg.test_cfg.rpn
+        losses, proposals = self.rpn_head.loss_and_predict(x, rpn_gts, metas, proposal_cfg, generator,
+                                                           inject.get("rpn"), stages)
+        if stages is not None:
+            stages["rpn_proposals"] = proposals
+        if "proposals" in inject:  # teacher forcing: given train-mode proposals
+            proposals = [dict(bboxes=torch.as_tensor(p, dtype=torch.float32)[:, :4]) for p in inject["proposals"]]
+        if stages is not None:
+            stages["proposals"] = proposals
+        losses.update(self.roi_head.loss(x, proposals, gts, generator, inject.get("rcnn"), stages))
+        return losses
+
+    def _gt_tensors(self, gt, batch_shape):
+        bboxes = torch.as_tensor(gt["bboxes"], dtype=torch.float32).reshape(-1, 4)
+        out = dict(bboxes=bboxes, labels=torch.as_tensor(gt["labels"], dtype=torch.long).reshape(-1))
+        if getattr(self.roi_head, "with_mask", False):
+            masks = torch.as_tensor(gt["masks"]).to(torch.uint8)
+            masks = masks.reshape(len(bboxes), *masks.shape[-2:])
+            pp = self.data_preprocessor.cfg
+            if pp.pad_mask:  # visdet pads GT masks to the batch input shape (mask_pad_value)
+                h, w = masks.shape[-2:]
+                masks = F.pad(masks, (0, batch_shape[1] - w, 0, batch_shape[0] - h), value=pp.mask_pad_value)
+            out["masks"] = masks
+        return out
+
+
+def parse_losses(losses):
+    """visdet ``BaseModel.parse_losses``: each entry's mean (lists: the sum of their means); the total
+    is the sum of the entries whose key contains "loss". Returns (total, log dict with "loss" first)."""
+    log_vars = []
+    for name, value in losses.items():
+        if isinstance(value, torch.Tensor):
+            log_vars.append([name, value.mean()])
+        else:
+            log_vars.append([name, sum(v.mean() for v in value)])
+    total = sum(v for k, v in log_vars if "loss" in k)
+    return total, dict([["loss", total]] + log_vars)
 
 
 class FasterRCNN(TwoStageDetector):

@@ -1,4 +1,4 @@
-"""StandardRoIHead (visdet ``roi_heads/standard_roi_head.py``), test path."""
+"""StandardRoIHead (visdet ``roi_heads/standard_roi_head.py``): test path and training losses."""
 from __future__ import annotations
 
 import torch
@@ -9,6 +9,8 @@ from flaxdet_reference.models.roi_heads.bbox_heads.convfc_bbox_head import (
     ConvFCBBoxHead, Shared2FCBBoxHead, Shared4Conv1FCBBoxHead)
 from flaxdet_reference.models.roi_heads.mask_heads.fcn_mask_head import FCNMaskHead
 from flaxdet_reference.models.roi_heads.roi_extractors.single_level_roi_extractor import SingleRoIExtractor
+from flaxdet_reference.models.task_modules.assigners.max_iou_assigner import MaxIoUAssigner
+from flaxdet_reference.models.task_modules.samplers.random_sampler import RandomSampler
 
 BBOX_HEADS = {"ConvFCBBoxHead": ConvFCBBoxHead, "Shared2FCBBoxHead": Shared2FCBBoxHead,
               "Shared4Conv1FCBBoxHead": Shared4Conv1FCBBoxHead}
@@ -25,6 +27,12 @@ class StandardRoIHead(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.test_cfg = cfg.test_cfg
+        self.train_cfg = cfg.train_cfg
+        if isinstance(self.train_cfg, tuple):
+            raise ValueError("StandardRoIHead: a per-stage (cascade) rcnn train_cfg is not supported")
+        if self.train_cfg is not None:
+            self.bbox_assigner = MaxIoUAssigner(self.train_cfg.assigner)
+            self.bbox_sampler = RandomSampler(self.train_cfg.sampler)
         if cfg.shared_head is not None:
             raise ValueError("StandardRoIHead: shared_head is not supported")
         self.bbox_roi_extractor = SingleRoIExtractor(cfg.bbox_roi_extractor)
@@ -45,6 +53,49 @@ class StandardRoIHead(nn.Module):
     def _mask_forward(self, x, rois):
         feats = self.mask_roi_extractor(x[: self.mask_roi_extractor.num_inputs], rois)
         return dict(mask_preds=self.mask_head(feats), mask_feats=feats)
+
+    # -- training -----------------------------------------------------------------------------------
+    def loss(self, x, rpn_results_list, gts, generator=None, inject=None, stages=None):
+        """rpn_results_list: per image dict(bboxes (P_i, 4)); gts: per image dict(bboxes, labels[, masks]).
+        ``inject``: per image dict(pos_inds, neg_inds) into [GTs; proposals]. Returns visdet's dict
+        (loss_cls, acc, loss_bbox[, loss_mask])."""
+        sampling_results, assign_results = [], []
+        for i, (props, gt) in enumerate(zip(rpn_results_list, gts)):
+            priors = props["bboxes"]
+            assign_result = self.bbox_assigner.assign(priors, gt["bboxes"], gt["labels"])
+            assign_results.append(assign_result)
+            sampling_results.append(self.bbox_sampler.sample(assign_result, priors, gt["bboxes"], gt["labels"],
+                                                             generator, None if inject is None else inject[i]))
+        losses = {}
+        bbox_results = self.bbox_loss(x, sampling_results)
+        losses.update(bbox_results["loss_bbox"])
+        if self.with_mask:
+            mask_results = self.mask_loss(x, sampling_results, [gt["masks"] for gt in gts])
+            losses.update(mask_results["loss_mask"])
+        if stages is not None:
+            stages["rcnn.assign_results"] = assign_results  # after add_gt_: [GTs; proposals]
+            stages["rcnn.sampling_results"] = sampling_results
+            stages.update({f"rcnn.{k}": v for k, v in bbox_results.items() if k != "loss_bbox"})
+            if self.with_mask:
+                stages.update({f"mask.{k}": v for k, v in mask_results.items() if k != "loss_mask"})
+        return losses
+
+    def bbox_loss(self, x, sampling_results):
+        rois = bbox2roi([r.priors for r in sampling_results])
+        res = self._bbox_forward(x, rois)
+        out = self.bbox_head.loss_and_target(res["cls_score"], res["bbox_pred"], rois, sampling_results,
+                                             self.train_cfg)
+        res.update(rois=rois, loss_bbox=out["loss_bbox"], bbox_targets=out["bbox_targets"])
+        return res
+
+    def mask_loss(self, x, sampling_results, gt_masks):
+        """Positive priors only, through the mask head's own RoI extractor (visdet's Mask R-CNN
+        configs never share it)."""
+        pos_rois = bbox2roi([r.pos_priors for r in sampling_results])
+        res = self._mask_forward(x, pos_rois)
+        out = self.mask_head.loss_and_target(res["mask_preds"], sampling_results, gt_masks, self.train_cfg)
+        res.update(rois=pos_rois, loss_mask=out["loss_mask"], mask_targets=out["mask_targets"])
+        return res
 
     def predict(self, x, proposals, img_metas, rescale=True, stages=None):
         """proposals: list of dicts with 'bboxes'. Returns per-image dicts bboxes/scores/labels[/masks]."""

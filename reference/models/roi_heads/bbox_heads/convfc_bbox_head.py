@@ -1,4 +1,5 @@
-"""ConvFCBBoxHead family (visdet ``bbox_heads/convfc_bbox_head.py`` + ``bbox_head.py``), test path."""
+"""ConvFCBBoxHead family (visdet ``bbox_heads/convfc_bbox_head.py`` + ``bbox_head.py``): test path and
+the training targets/losses of visdet's ``BBoxHead``."""
 from __future__ import annotations
 
 import torch
@@ -8,6 +9,7 @@ from torch import nn
 from flaxdet.config import ConvFCBBoxHeadCfg, CrossEntropyLossCfg, RCNNTestCfg
 from flaxdet_reference.models.layers import ConvModule
 from flaxdet_reference.models.layers.bbox_nms import multiclass_nms
+from flaxdet_reference.models.losses import accuracy, build_loss
 from flaxdet_reference.models.task_modules.coders.delta_xywh_bbox_coder import DeltaXYWHBBoxCoder
 
 
@@ -32,6 +34,9 @@ class ConvFCBBoxHead(nn.Module):
             cls_dim = cls_dim * self.roi_feat_area if cfg.num_cls_fcs == 0 else cls_dim
             reg_dim = reg_dim * self.roi_feat_area if cfg.num_reg_fcs == 0 else reg_dim
         self.relu = nn.ReLU(inplace=True)
+        self.reg_decoded_bbox = cfg.reg_decoded_bbox
+        self.loss_cls = build_loss(cfg.loss_cls)
+        self.loss_bbox = build_loss(cfg.loss_bbox)
         if cfg.with_cls:
             self.fc_cls = nn.Linear(cls_dim, cfg.num_classes + 1)
         if cfg.with_reg:
@@ -80,6 +85,59 @@ class ConvFCBBoxHead(nn.Module):
         cls_score = self.fc_cls(x_cls) if self.cfg.with_cls else None
         bbox_pred = self.fc_reg(x_reg) if self.cfg.with_reg else None
         return cls_score, bbox_pred
+
+    # -- training (visdet bbox_head.py) ------------------------------------------------------------
+    def _get_targets_single(self, pos_priors, neg_priors, pos_gt_bboxes, pos_gt_labels, cfg):
+        """Rows [positives; negatives]: label = GT class / ``num_classes`` (background), weight 1
+        (``pos_weight`` if > 0 on positives), delta targets (target stds) on positives."""
+        num_pos, num_neg = pos_priors.size(0), neg_priors.size(0)
+        n = num_pos + num_neg
+        labels = pos_priors.new_full((n,), self.num_classes, dtype=torch.long)
+        label_weights = pos_priors.new_zeros(n)
+        bbox_targets = pos_priors.new_zeros(n, 4)
+        bbox_weights = pos_priors.new_zeros(n, 4)
+        if num_pos > 0:
+            labels[:num_pos] = pos_gt_labels
+            label_weights[:num_pos] = 1.0 if cfg.pos_weight <= 0 else cfg.pos_weight
+            bbox_targets[:num_pos, :] = (pos_gt_bboxes if self.reg_decoded_bbox
+                                         else self.bbox_coder.encode(pos_priors, pos_gt_bboxes))
+            bbox_weights[:num_pos, :] = 1
+        if num_neg > 0:
+            label_weights[-num_neg:] = 1.0
+        return labels, label_weights, bbox_targets, bbox_weights
+
+    def get_targets(self, sampling_results, rcnn_train_cfg):
+        per_image = [self._get_targets_single(r.pos_priors, r.neg_priors, r.pos_gt_bboxes, r.pos_gt_labels,
+                                              rcnn_train_cfg) for r in sampling_results]
+        return tuple(torch.cat(t, 0) for t in zip(*per_image))
+
+    def loss_and_target(self, cls_score, bbox_pred, rois, sampling_results, rcnn_train_cfg):
+        targets = self.get_targets(sampling_results, rcnn_train_cfg)
+        return dict(loss_bbox=self.loss(cls_score, bbox_pred, rois, *targets), bbox_targets=targets)
+
+    def loss(self, cls_score, bbox_pred, rois, labels, label_weights, bbox_targets, bbox_weights):
+        """loss_cls / (#weighted rows), acc over all rows, loss_bbox on the positives' GT-class deltas
+        / (#rows) -- visdet's normalisation."""
+        losses = {}
+        if cls_score is not None:
+            avg_factor = max(torch.sum(label_weights > 0).float().item(), 1.0)
+            if cls_score.numel() > 0:
+                losses["loss_cls"] = self.loss_cls(cls_score, labels, label_weights, avg_factor=avg_factor)
+                losses["acc"] = accuracy(cls_score, labels)
+        if bbox_pred is not None:
+            pos_inds = (labels >= 0) & (labels < self.num_classes)
+            if pos_inds.any():
+                if self.reg_decoded_bbox:
+                    bbox_pred = self.bbox_coder.decode(rois[:, 1:], bbox_pred)
+                if self.reg_class_agnostic:
+                    pos_bbox_pred = bbox_pred.view(bbox_pred.size(0), -1)[pos_inds]
+                else:
+                    pos_bbox_pred = bbox_pred.view(bbox_pred.size(0), self.num_classes, -1)[pos_inds, labels[pos_inds]]
+                losses["loss_bbox"] = self.loss_bbox(pos_bbox_pred, bbox_targets[pos_inds], bbox_weights[pos_inds],
+                                                     avg_factor=bbox_targets.size(0))
+            else:
+                losses["loss_bbox"] = bbox_pred[pos_inds].sum()
+        return losses
 
     def predict_single(self, roi, cls_score, bbox_pred, img_meta, cfg: RCNNTestCfg, rescale: bool):
         """(bboxes, scores, labels) after multiclass NMS; bboxes in the resized frame unless rescale."""

@@ -1,4 +1,5 @@
-"""FCNMaskHead (visdet ``mask_heads/fcn_mask_head.py``) with Detectron2-style mask pasting."""
+"""FCNMaskHead (visdet ``mask_heads/fcn_mask_head.py``): Detectron2-style mask pasting, and the training
+loss (BCE on each positive RoI's GT-class channel against RoIAlign-cropped GT masks)."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +8,8 @@ from torch import nn
 
 from flaxdet.config import FCNMaskHeadCfg, RCNNTestCfg
 from flaxdet_reference.models.layers import ConvModule
+from flaxdet_reference.models.losses import build_loss
+from flaxdet_reference.structures.mask.mask_target import mask_target
 
 
 class FCNMaskHead(nn.Module):
@@ -36,6 +39,7 @@ class FCNMaskHead(nn.Module):
         logits_in = cfg.conv_out_channels if self.upsample_method == "deconv" else up_in
         self.conv_logits = nn.Conv2d(logits_in, 1 if cfg.class_agnostic else cfg.num_classes, 1)
         self.relu = nn.ReLU(inplace=True)
+        self.loss_mask = build_loss(cfg.loss_mask)
 
     def forward(self, x):
         for conv in self.convs:
@@ -45,6 +49,21 @@ class FCNMaskHead(nn.Module):
             if self.upsample_method == "deconv":
                 x = self.relu(x)
         return self.conv_logits(x)
+
+    def get_targets(self, sampling_results, gt_masks, rcnn_train_cfg):
+        return mask_target([r.pos_priors for r in sampling_results],
+                           [r.pos_assigned_gt_inds for r in sampling_results], gt_masks, rcnn_train_cfg)
+
+    def loss_and_target(self, mask_preds, sampling_results, gt_masks, rcnn_train_cfg):
+        """gt_masks: per image (k, H, W) tensors (padded to the batch shape when the preprocessor pads masks)."""
+        mask_targets = self.get_targets(sampling_results, gt_masks, rcnn_train_cfg)
+        pos_labels = torch.cat([r.pos_gt_labels for r in sampling_results])
+        if mask_preds.size(0) == 0:
+            loss_mask = mask_preds.sum()
+        else:
+            loss_mask = self.loss_mask(mask_preds, mask_targets,
+                                       torch.zeros_like(pos_labels) if self.class_agnostic else pos_labels)
+        return dict(loss_mask=dict(loss_mask=loss_mask), mask_targets=mask_targets)
 
     def predict_single(self, mask_preds, bboxes, labels, img_meta, cfg: RCNNTestCfg, rescale: bool,
                        activate_map: bool = False):
