@@ -1,9 +1,14 @@
 """Inference benchmark: reference PyTorch eager (visdet's numerics) vs flaxdet jit, same weights, same image.
 
-    .venv/bin/python benchmarks/bench_infer.py [--sizes 800x1333 480x640] [--repeats 5] [--out bench.json]
+    .venv/bin/python benchmarks/bench_infer.py [--sizes 800x1333 480x640] [--scenarios no-dets max-dets]
+                                               [--repeats 5] [--out bench.json]
 
 Mask R-CNN R50-FPN (preset ``mask_rcnn_r50``; seeded weights saved as a visdet checkpoint by reference/,
-converted by the production converter). Each side runs in its own subprocess so peak resident memory
+converted by the production converter). Two scenarios, because the mask branch runs only on the
+detections there are: ``no-dets`` (the seeded weights: every score under ``score_thr``, so no
+detection and no mask head on either side) and ``max-dets`` (the same weights with the classifier
+bias of 10 classes raised by 3, so every proposal clears ``score_thr`` and both sides return
+``max_per_img`` = 100 detections with masks -- what a trained model does on a busy image). Each side runs in its own subprocess so peak resident memory
 is its own. Reports, per input size: median / min latency over ``repeats`` runs after one warm-up,
 flaxdet's first-call (compile) time, peak RSS, detections, and the ratio pytorch / flaxdet (> 1 means
 flaxdet is faster). Timings include preprocessing, RPN, RoI heads, NMS and mask pasting (not decoding).
@@ -90,6 +95,7 @@ def worker(side, ckpt, h, w, repeats):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["800x1333", "480x640"])
+    p.add_argument("--scenarios", nargs="+", default=["no-dets", "max-dets"], choices=["no-dets", "max-dets"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default="benchmarks/results/infer.json")
     p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
@@ -108,20 +114,29 @@ def main():
     torch.manual_seed(0)
     ref = build_detector(load_config("mask_rcnn_r50"))
     tmp = Path(tempfile.mkdtemp())
-    ckpt = tmp / "mask_rcnn_r50_seeded.pth"
-    save_checkpoint(ckpt, {k: v.numpy() for k, v in ref.state_dict().items()})
+    sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+    ckpts = {}
+    for scenario in a.scenarios:
+        w = dict(sd)
+        if scenario == "max-dets":
+            b = w["roi_head.bbox_head.fc_cls.bias"].copy()
+            b[:10] += 3.0
+            w["roi_head.bbox_head.fc_cls.bias"] = b
+        ckpts[scenario] = tmp / f"mask_rcnn_r50_{scenario}.pth"
+        save_checkpoint(ckpts[scenario], w)
     rows = []
-    for size in a.sizes:
-        res = {}
-        for side in ("pytorch", "flaxdet"):
-            r = subprocess.run([sys.executable, __file__, "--worker", side, str(ckpt), size, str(a.repeats)],
-                               capture_output=True, text=True)
-            if r.returncode:
-                raise SystemExit(f"{side} {size} failed:\n{r.stderr[-3000:]}")
-            res[side] = json.loads(r.stdout.strip().splitlines()[-1])
-            print(json.dumps(res[side]), flush=True)
-        rows.append(dict(size=size, pytorch=res["pytorch"], flaxdet=res["flaxdet"],
-                         speedup_pytorch_over_flaxdet=res["pytorch"]["median_s"] / res["flaxdet"]["median_s"]))
+    for scenario in a.scenarios:
+        for size in a.sizes:
+            res = {}
+            for side in ("pytorch", "flaxdet"):
+                r = subprocess.run([sys.executable, __file__, "--worker", side, str(ckpts[scenario]), size,
+                                    str(a.repeats)], capture_output=True, text=True)
+                if r.returncode:
+                    raise SystemExit(f"{side} {size} {scenario} failed:\n{r.stderr[-3000:]}")
+                res[side] = json.loads(r.stdout.strip().splitlines()[-1])
+                print(json.dumps(dict(res[side], scenario=scenario)), flush=True)
+            rows.append(dict(scenario=scenario, size=size, pytorch=res["pytorch"], flaxdet=res["flaxdet"],
+                             speedup_pytorch_over_flaxdet=res["pytorch"]["median_s"] / res["flaxdet"]["median_s"]))
     import jax
 
     out = dict(machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
@@ -130,10 +145,12 @@ def main():
                results=rows)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))
-    print(f"\n{'size':<10} {'pytorch s':>10} {'flaxdet s':>10} {'ratio':>7} {'compile s':>10}")
+    print(f"\n{'scenario':<9} {'size':<10} {'dets':>5} {'pytorch s':>10} {'flaxdet s':>10} {'ratio':>7} {'compile s':>10}")
     for r in rows:
-        print(f"{r['size']:<10} {r['pytorch']['median_s']:>10.2f} {r['flaxdet']['median_s']:>10.2f} "
-              f"{r['speedup_pytorch_over_flaxdet']:>7.2f} {r['flaxdet']['first_call_s']:>10.1f}")
+        print(f"{r['scenario']:<9} {r['size']:<10} {r['flaxdet']['detections']:>5} {r['pytorch']['median_s']:>10.2f} "
+              f"{r['flaxdet']['median_s']:>10.2f} {r['speedup_pytorch_over_flaxdet']:>7.2f} "
+              f"{r['flaxdet']['first_call_s']:>10.1f}")
+    print("ratio = pytorch / flaxdet median latency (> 1: flaxdet faster)")
     print(f"wrote {a.out}")
 
 
