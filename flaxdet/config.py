@@ -301,8 +301,8 @@ class ResNetCfg(BackboneCfg):
 
 @dataclass(frozen=True)
 class SwinTransformerCfg(BackboneCfg):
-    """visdet ``SwinTransformer`` (the flagship ``mask_rcnn_swin_s`` preset). Parsed here so every
-    visdet preset reads; the model itself is built by the Swin issue's modules."""
+    """visdet ``SwinTransformer`` (the flagship ``mask_rcnn_swin_s`` preset): built by
+    ``flaxdet/models/backbones/swin.py`` and ``reference/models/backbones/swin.py``."""
     TYPE: ClassVar[str] = "SwinTransformer"
     pretrain_img_size: Union[int, tuple] = 224
     in_channels: int = 3
@@ -329,6 +329,24 @@ class SwinTransformerCfg(BackboneCfg):
     convert_weights: bool = False
     frozen_stages: int = -1
     init_cfg: Optional[FrozenMap] = None
+
+    def __post_init__(self):  # visdet's SwinTransformer asserts, and what its shapes silently require
+        n = len(self.depths)
+        if len(self.num_heads) != n or len(self.strides) != n:
+            raise ConfigError(f"{self.TYPE}: depths {self.depths}, num_heads {self.num_heads} and strides "
+                              f"{self.strides} must have one entry per stage")
+        if self.strides[0] != self.patch_size:
+            raise ConfigError(f"{self.TYPE}: strides[0] must equal patch_size (non-overlapping patch embed)")
+        if any(not 0 <= i < n for i in self.out_indices):
+            raise ConfigError(f"{self.TYPE}: out_indices {self.out_indices} out of range for {n} stages")
+        for s, heads in enumerate(self.num_heads):
+            if (self.embed_dims * 2**s) % heads:
+                raise ConfigError(f"{self.TYPE}: stage {s} width {self.embed_dims * 2**s} is not divisible "
+                                  f"by its {heads} heads")
+        if self.attn_backend not in ("torch", "flash"):
+            raise ConfigError(f"{self.TYPE}: attn_backend must be 'torch' or 'flash', got {self.attn_backend!r}")
+        if self.pretrained is not None and self.init_cfg is not None:
+            raise ConfigError(f"{self.TYPE}: init_cfg and pretrained cannot be specified at the same time")
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,13 @@ from flax import nnx
 
 from flaxdet.config import TwoStageDetectorCfg
 from flaxdet.models.backbones.resnet import ResNet
+from flaxdet.models.backbones.swin import SwinTransformer
 from flaxdet.models.data_preprocessors.data_preprocessor import DetDataPreprocessor
 from flaxdet.models.dense_heads.rpn_head import RPNHead
 from flaxdet.models.necks.fpn import FPN
 from flaxdet.models.roi_heads.standard_roi_head import StandardRoIHead
 
-BACKBONES = {"ResNet": ResNet}
+BACKBONES = {"ResNet": ResNet, "SwinTransformer": SwinTransformer}
 NECKS = {"FPN": FPN}
 RPN_HEADS = {"RPNHead": RPNHead}
 ROI_HEADS = {"StandardRoIHead": StandardRoIHead}

@@ -10,12 +10,13 @@ from torch import nn
 
 from flaxdet.config import TwoStageDetectorCfg
 from flaxdet_reference.models.backbones.resnet import ResNet
+from flaxdet_reference.models.backbones.swin import SwinTransformer
 from flaxdet_reference.models.data_preprocessors.data_preprocessor import DetDataPreprocessor
 from flaxdet_reference.models.dense_heads.rpn_head import RPNHead
 from flaxdet_reference.models.necks.fpn import FPN
 from flaxdet_reference.models.roi_heads.standard_roi_head import StandardRoIHead
 
-BACKBONES = {"ResNet": ResNet}
+BACKBONES = {"ResNet": ResNet, "SwinTransformer": SwinTransformer}
 NECKS = {"FPN": FPN}
 RPN_HEADS = {"RPNHead": RPNHead}
 ROI_HEADS = {"StandardRoIHead": StandardRoIHead}
