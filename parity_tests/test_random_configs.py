@@ -56,15 +56,17 @@ def conditioned_weights(ref, seed):
             sd[k] = torch.randn(v.shape, generator=g) * (2.0 / fan_in) ** 0.5
         else:
             sd[k] = torch.randn(v.shape, generator=g) * 0.1
-    for k in ("roi_head.bbox_head.fc_cls.weight", "rpn_head.rpn_cls.weight"):
-        sd[k] = sd[k] * 8
+    # spread the logits, but keep the RPN's sigmoid out of float32 saturation: at x8 its logits reached
+    # 34 and hundreds of proposals scored exactly 1.0 -- an exact tie whose NMS order is arbitrary
+    # (torch's and XLA's sigmoid saturate at slightly different logits), which was the "404 vs 405
+    # proposals" finding. x2 keeps |logit| <= ~9 (measured over depths 18/34/50).
+    sd["roi_head.bbox_head.fc_cls.weight"] = sd["roi_head.bbox_head.fc_cls.weight"] * 8
+    sd["rpn_head.rpn_cls.weight"] = sd["rpn_head.rpn_cls.weight"] * 2
     ref.load_state_dict(sd)
     return {k: v.numpy() for k, v in sd.items()}
 
 
-# slow: each example compiles a whole model (~1 min under load). Known open finding (session 1): depth 34,
-# 90x90 input -> flaxdet keeps 404 proposals where reference keeps 405; suspected an exact score tie at the
-# per-level top-k boundary (torch's unstable sort vs lax.top_k) -- to be investigated.
+# slow: each example compiles a whole model (~1 min under load).
 @pytest.mark.slow
 @settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
 @given(depth=st.sampled_from([18, 34, 50]), base=st.sampled_from([8, 16]), style=st.sampled_from(["pytorch", "caffe"]),

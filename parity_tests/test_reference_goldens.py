@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from flaxdet.parity import (MASK_PIXELS_PER_IMAGE, TOLERANCES, compare_array, compare_detections,
-                            format_table)
+from flaxdet.parity import (MASK_PIXELS_PER_IMAGE, MASK_PIXELS_TEACHER_FORCED, TOLERANCES, compare_array,
+                            compare_detections, format_table)
 from flaxdet_reference import build_detector
 from flaxdet_reference.models import load_state_dict_strict
 from flaxdet_converters.checkpoint_io import load_checkpoint
@@ -78,7 +78,8 @@ def test_teacher_forced_stages(case, image):
     rows.append(compare_array("bbox_head.bbox_pred", stages["bbox_head.bbox_pred"].numpy(), g["bbox_head.bbox_pred"]))
     rows += compare_detections("det", {k: v.numpy() for k, v in res.items()}, g.det,
                                box_atol=TOLERANCES["det.bboxes"].rtol * max(g.meta["ori_shape"]),
-                               score_atol=TOLERANCES["det.scores"].rtol, mask_pixels=0)
+                               score_atol=TOLERANCES["det.scores"].rtol,
+                               mask_pixels=MASK_PIXELS_TEACHER_FORCED)
     # mask stages: rows of detections that tie-flipped have other boxes, so compare matched rows only
     n = min(32, len(res["bboxes"]))
     same = np.abs(res["bboxes"].numpy() - g["det.bboxes"]).max(1) <= 1e-3 * max(g.meta["ori_shape"])

@@ -342,12 +342,9 @@ def test_flaxdet_equals_reference_random_configs(depth, base, classes, fc, mask_
     assume(compare_flaxdet_to_reference(ref, images, gts, seed) is not None)
 
 
-# -- known gaps in flaxdet's training forward ---------------------------------------------------------------
+# -- config options beyond the presets' defaults: SmoothL1Loss, pos_weight ---------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="flaxdet's training forward ignores these config options (reported, not "
-                   "fixed here): RCNN/RPN loss_bbox is always L1 (SmoothL1Loss is parsed but not used) and "
-                   "train_cfg pos_weight > 0 is not applied to the positives' label weights")
 def test_flaxdet_honours_smooth_l1_and_pos_weight():
     from parity_tests.test_random_configs import conditioned_weights
     from flaxdet.config import SmoothL1LossCfg
@@ -356,8 +353,10 @@ def test_flaxdet_honours_smooth_l1_and_pos_weight():
     rh, tc = cfg.roi_head, cfg.train_cfg
     rh = dataclasses.replace(rh, bbox_head=dataclasses.replace(rh.bbox_head, loss_bbox=SmoothL1LossCfg(beta=1 / 9)),
                              train_cfg=dataclasses.replace(rh.train_cfg, pos_weight=2.0))
-    cfg = dataclasses.replace(cfg, roi_head=rh, train_cfg=dataclasses.replace(
-        tc, rcnn=dataclasses.replace(tc.rcnn, pos_weight=2.0)))
+    rpn = dataclasses.replace(cfg.rpn_head, loss_bbox=SmoothL1LossCfg(beta=1 / 9),
+                              train_cfg=dataclasses.replace(cfg.rpn_head.train_cfg, pos_weight=3.0))
+    cfg = dataclasses.replace(cfg, roi_head=rh, rpn_head=rpn, train_cfg=dataclasses.replace(
+        tc, rcnn=dataclasses.replace(tc.rcnn, pos_weight=2.0), rpn=dataclasses.replace(tc.rpn, pos_weight=3.0)))
     ref = build_ref(cfg)
     conditioned_weights(ref, 4)
     images = photo_crops(SIZES[:2])

@@ -9,7 +9,8 @@ Losses follow visdet exactly (``anchor_head.loss_by_feat``, ``bbox_head.loss``,
 
 * RPN: sigmoid BCE per level and L1 per level, each / (avg_factor + eps) with
   avg_factor = sum over images of max(n_pos, 1) + max(n_neg, 1);
-* RCNN: softmax CE / (#sampled + eps); L1 on the GT-class deltas of positives / (#sampled + eps);
+* RCNN: softmax CE / (#sampled + eps) (positives weighted by ``pos_weight`` > 0); L1 or SmoothL1 (per
+  the head's ``loss_bbox``) on the GT-class deltas of positives / (#sampled + eps);
   accuracy (percent, all sampled rows; logged, not a loss);
 * mask: BCE on the GT-class logits against RoIAlign-cropped GT masks (>= 0.5), mean over positives.
 
@@ -66,8 +67,9 @@ def rpn_targets_single(anchors, flags, gt_boxes, gt_valid, cfg, coder, key, inje
     s = cfg.sampler
     sample = random_sample(assigned, s.num, s.pos_fraction, s.neg_pos_ub, key, inject)
     n = anchors.shape[0]
-    label_w = jnp.zeros(n).at[sample["pos_inds"]].max(sample["pos_valid"].astype(jnp.float32))
-    label_w = label_w.at[sample["neg_inds"]].max(sample["neg_valid"].astype(jnp.float32))
+    pw = 1.0 if cfg.pos_weight <= 0 else float(cfg.pos_weight)  # visdet: train_cfg.pos_weight (> 0 overrides 1)
+    label_w = jnp.zeros(n).at[sample["neg_inds"]].max(sample["neg_valid"].astype(jnp.float32))
+    label_w = label_w.at[sample["pos_inds"]].max(sample["pos_valid"] * pw)
     pos = jnp.zeros(n, bool).at[sample["pos_inds"]].max(sample["pos_valid"])
     gt_for = gt_boxes[jnp.clip(assigned - 1, 0)]
     targets = encode_deltas(anchors, gt_for, coder.target_means, coder.target_stds)
@@ -84,6 +86,20 @@ def rpn_targets_single(anchors, flags, gt_boxes, gt_valid, cfg, coder, key, inje
 def bce_with_logits(x, t):
     # torch: max(x, 0) - x * t + log1p(exp(-|x|))
     return jnp.maximum(x, 0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+def reg_loss(pred, target, loss_cfg):
+    """Element-wise box regression loss of ``loss_cfg``: L1Loss, or SmoothL1Loss with its ``beta``
+    (visdet: ``0.5 * d**2 / beta`` where ``|d| < beta``, else ``|d| - 0.5 * beta``)."""
+    d = jnp.abs(pred - target)
+    if loss_cfg.TYPE == "L1Loss":
+        return d
+    if loss_cfg.TYPE == "SmoothL1Loss":
+        beta = float(loss_cfg.beta)
+        if beta <= 0:
+            raise ValueError(f"SmoothL1Loss needs beta > 0, got {beta}")
+        return jnp.where(d < beta, 0.5 * d * d / beta, d - 0.5 * beta)
+    raise ValueError(f"box loss {loss_cfg.TYPE!r} is not supported in training (L1Loss, SmoothL1Loss)")
 
 
 def cross_entropy(logits, labels):
@@ -108,7 +124,7 @@ def rpn_loss(model, cls_scores, bbox_preds, batch, key, inject=None):
     reg = jnp.concatenate([r.reshape(n, -1, 4) for r in bbox_preds], 1)
     target = (t["labels"] == 0).astype(cls.dtype)
     cls_l = bce_with_logits(cls, target) * t["label_weights"]
-    reg_l = jnp.abs(reg - t["bbox_targets"]) * t["bbox_weights"]
+    reg_l = reg_loss(reg, t["bbox_targets"], head.cfg.loss_bbox) * t["bbox_weights"]
     bounds = np.cumsum([0] + [int(np.prod(s)) * head.prior_generator.num_base_priors[i] for i, s in enumerate(sizes)])
     per_cls = [cls_l[:, a:b].sum() / (avg + EPS) for a, b in zip(bounds[:-1], bounds[1:])]
     per_reg = [reg_l[:, a:b].sum() / (avg + EPS) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -154,8 +170,10 @@ def rcnn_loss(model, neck, s, batch):
     is_pos = s["is_pos"].reshape(-1)
     labels = s["labels"].reshape(-1)
     w = valid.astype(cls.dtype)
-    count = w.sum()
-    loss_cls = (cross_entropy(cls, labels) * w).sum() / (jnp.maximum(count, 1.0) + EPS)
+    count = w.sum()  # visdet's avg_factor: rows with label weight > 0, whatever pos_weight is
+    pw = rh.cfg.train_cfg.pos_weight
+    label_w = jnp.where(is_pos, w * pw, w) if pw > 0 else w
+    loss_cls = (cross_entropy(cls, labels) * label_w).sum() / (jnp.maximum(count, 1.0) + EPS)
     acc = 100.0 * ((jnp.argmax(cls, -1) == labels) * w).sum() / jnp.maximum(count, 1.0)
     bc = head.cfg.bbox_coder
     gtb = jnp.take_along_axis(batch["gt_bboxes"], s["gt_idx"][..., None], 1).reshape(-1, 4)
@@ -166,7 +184,7 @@ def rcnn_loss(model, neck, s, batch):
     else:
         pred = jnp.take_along_axis(reg.reshape(-1, head.num_classes, 4),
                                    jnp.clip(labels, 0, head.num_classes - 1)[:, None, None], 1)[:, 0]
-    loss_bbox = (jnp.abs(pred - targets) * is_pos[:, None]).sum() / (count + EPS)
+    loss_bbox = (reg_loss(pred, targets, head.cfg.loss_bbox) * is_pos[:, None]).sum() / (count + EPS)
     stages = dict(rcnn_rois=rois, rcnn_roi_feats=roi_feats, rcnn_cls_score=cls, rcnn_bbox_pred=reg,
                   rcnn_target_bbox_targets=targets)
     return dict(loss_cls=head.cfg.loss_cls.loss_weight * loss_cls, acc=acc,
