@@ -15,7 +15,9 @@ unexpected / misshapen keys; :func:`load_visdet_state_dict` raises :class:`Conve
 changes nothing in the model) unless ``strict=False``.
 
 ``key_dialect="mmdet"`` accepts upstream MMDetection-3.x spellings where visdet renamed a key
-(Swin ``patch_embed.projection`` -> visdet ``patch_embed.proj``).
+(Swin ``patch_embed.projection`` -> visdet ``patch_embed.proj``). ``key_dialect="swin"`` reads an
+official (Microsoft) Swin backbone checkpoint (``layers.N.blocks...``, :mod:`flaxdet_converters.swin`):
+a backbone only, so load it with ``strict=False`` to initialise a detector's backbone.
 """
 from __future__ import annotations
 
@@ -93,8 +95,17 @@ def _layout(owner, leaf: str):
 def _normalise_keys(state_dict, key_dialect, report):
     if key_dialect == "visdet":
         return state_dict
+    if key_dialect == "swin":
+        from flaxdet_converters.swin import official_swin_to_visdet
+
+        converted, leftovers = official_swin_to_visdet(state_dict)
+        src = [k for k in state_dict if k not in leftovers]
+        report.renamed.extend(f"{a} -> {b}" for a, b in zip(src, converted) if a != b)
+        out = OrderedDict(converted)
+        out.update(leftovers)  # no visdet counterpart: reported as unexpected
+        return out
     if key_dialect != "mmdet":
-        raise ValueError(f"key_dialect must be 'visdet' or 'mmdet', got {key_dialect!r}")
+        raise ValueError(f"key_dialect must be 'visdet', 'mmdet' or 'swin', got {key_dialect!r}")
     out = OrderedDict()
     for k, v in state_dict.items():
         new = "." + k

@@ -47,8 +47,10 @@ def build_parser():
     s.add_argument("--format", choices=("orbax", "safetensors"), default="orbax",
                    help="params as an orbax checkpoint (default) or one flat .safetensors file")
     s.add_argument("--no-strict", action="store_true", help="convert what fits; report the rest")
-    s.add_argument("--key-dialect", choices=("visdet", "mmdet"), default="visdet",
-                   help="'mmdet' accepts upstream MMDetection-3.x key spellings (e.g. Swin patch_embed.projection)")
+    s.add_argument("--key-dialect", choices=("visdet", "mmdet", "swin"), default="visdet",
+                   help="'mmdet' accepts upstream MMDetection-3.x key spellings (e.g. Swin patch_embed.projection); "
+                   "'swin' reads an official (Microsoft) Swin backbone checkpoint (layers.N.blocks...; backbone "
+                   "only: use with --no-strict)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     s.set_defaults(func=cmd_convert)
 
@@ -139,7 +141,8 @@ def cmd_presets(args):
 
     for name in list_presets():
         cfg = load_config(name)
-        print(f"{name:<20} {cfg.TYPE:<12} {cfg.backbone.TYPE}-{getattr(cfg.backbone, 'depth', '')} "
+        depth = getattr(cfg.backbone, "depth", None)
+        print(f"{name:<20} {cfg.TYPE:<12} {cfg.backbone.TYPE}{'' if depth is None else f'-{depth}'} "
               f"{cfg.roi_head.bbox_head.num_classes} classes   ({PRESET_DIR / (name + '.yaml')})")
     return 0
 
