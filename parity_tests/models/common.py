@@ -19,8 +19,8 @@ def seeded(module: torch.nn.Module, seed: int) -> dict:
             sd[k] = torch.rand(v.shape, generator=g) * 0.5 + 0.75
         elif k.endswith(("running_mean", "bias")):
             sd[k] = torch.randn(v.shape, generator=g) * 0.1
-        elif k.endswith("num_batches_tracked"):
-            sd[k] = v
+        elif k.endswith("num_batches_tracked") or not v.is_floating_point():
+            sd[k] = v  # integer state (BN counters, Swin's relative_position_index) is not a weight
         elif k.endswith("weight") and v.ndim == 1:
             sd[k] = 1 + torch.randn(v.shape, generator=g) * 0.1
         else:
