@@ -42,9 +42,12 @@ def frozen_filter(model):
     """A function (tree path) -> 0.0 for parameters visdet freezes (frozen_stages), else 1.0."""
     prefixes = set(model.backbone.frozen_prefixes()) if hasattr(model.backbone, "frozen_prefixes") else set()
 
-    def factor(path):
+    def factor(path):  # a prefix is dotted ("layer1", "stages.0"): it matches whole leading names
         names = _path_names(path)
-        return 0.0 if len(names) > 1 and names[0] == "backbone" and names[1] in prefixes else 1.0
+        if len(names) < 2 or names[0] != "backbone":
+            return 1.0
+        dotted = ".".join(names[1:]) + "."
+        return 0.0 if any(dotted.startswith(p + ".") for p in prefixes) else 1.0
 
     return factor
 
