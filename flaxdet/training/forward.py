@@ -222,7 +222,9 @@ def mask_loss(model, neck, s, batch):
 def loss_fn(model, batch, key, inject=None, with_stages=False):
     """Total loss and visdet's log dict (loss_rpn_cls, loss_rpn_bbox, loss_cls, acc, loss_bbox, loss_mask, loss)."""
     x = model.data_preprocessor(batch["images"], batch["img_shapes"])
-    _, neck = model.extract_feat(x)
+    bcfg = model.backbone.cfg
+    stochastic = any(getattr(bcfg, f, 0) > 0 for f in ("drop_path_rate", "drop_rate", "attn_drop_rate"))
+    _, neck = model.extract_feat(x, jax.random.fold_in(key, 0x5717) if stochastic else None)  # Swin drop-path
     cls, reg = model.rpn_head(neck)
     k1, k2 = jax.random.split(key)
     per_cls, per_reg, rpn_t = rpn_loss(model, cls, reg, batch, k1, inject)

@@ -39,8 +39,9 @@ class TwoStageDetector(nnx.Module):
         self.rpn_head = _build(RPN_HEADS, cfg.rpn_head, "rpn_head", rngs)
         self.roi_head = _build(ROI_HEADS, cfg.roi_head, "roi_head", rngs)
 
-    def extract_feat(self, x):
-        feats = self.backbone(x)
+    def extract_feat(self, x, key=None):
+        """``key``: training-time randomness of the backbone (Swin's drop-path / dropout); None = inference."""
+        feats = self.backbone(x) if key is None else self.backbone(x, key=key)
         return feats, (self.neck(feats) if self.neck is not None else feats)
 
     def predict(self, images, img_shapes, scale_factors, canvas_hw=None, rescale=True, with_stages=False):

@@ -59,32 +59,34 @@ class StandardRoIHead(nnx.Module):
 
     def predict_mask(self, feats, dets, scale_factors, canvas_hw, rescale=True):
         """Masks for the valid detections. visdet runs the mask branch on the detections it has (none
-        when there are none); with a static D the cost would be that of D every time, so the branch is
-        compiled for ``mask_buckets(D)`` row counts and ``lax.switch`` runs the smallest that holds the
-        batch's largest valid count (detections are valid-first). Rows past it are zeros/False."""
+        when there are none); with a static D the cost would be that of D every time. So RoIAlign skips
+        the invalid rows (its ``valid`` mask), and the mask head + pasting are compiled for
+        ``mask_buckets(D)`` row counts, ``lax.switch`` running the smallest that holds the batch's largest
+        valid count (detections are valid-first). Rows past it are zeros/False."""
         n, d, _ = dets["bboxes"].shape
         thr = self.cfg.test_cfg.mask_thr_binary
         sizes = mask_buckets(d)
+        roi_feats = self.mask_roi_extractor(feats, bbox2roi(dets["bboxes"]), valid=dets["valid"].reshape(-1))
+        per_image = roi_feats.reshape(n, d, *roi_feats.shape[1:])
 
         def run(k):
-            sub = {key: v[:, :k] for key, v in dets.items()}
-            roi_feats, logits = self.mask_forward(feats, bbox2roi(sub["bboxes"]))
+            logits = self.mask_head(per_image[:, :k].reshape(n * k, *roi_feats.shape[1:]))
             fn = lambda lg, b, lab, sf: self.mask_head.predict_single(lg, b, lab, sf, canvas_hw, thr, rescale)  # noqa
-            masks, boxes = jax.vmap(fn)(logits.reshape(n, k, *logits.shape[1:]), sub["bboxes"], sub["labels"],
-                                        scale_factors)
+            masks, boxes = jax.vmap(fn)(logits.reshape(n, k, *logits.shape[1:]), dets["bboxes"][:, :k],
+                                        dets["labels"][:, :k], scale_factors)
 
             def pad(a, per_image=True):
                 a = a if per_image else a.reshape(n, k, *a.shape[1:])
                 a = jnp.pad(a, [(0, 0), (0, d - k)] + [(0, 0)] * (a.ndim - 2))
                 return a if per_image else a.reshape(n * d, *a.shape[2:])
 
-            return pad(masks), pad(boxes), pad(roi_feats, False), pad(logits, False)
+            return pad(masks), pad(boxes), pad(logits, False)
 
         shapes = jax.eval_shape(lambda: run(sizes[0]))
         none = lambda: tuple(jnp.zeros(x.shape, x.dtype) for x in shapes)  # noqa: E731
         count = dets["valid"].sum(1).max()
         branch = jnp.where(count > 0, 1 + jnp.searchsorted(jnp.asarray(sizes), count), 0)
-        masks, boxes, roi_feats, logits = jax.lax.switch(branch, [none] + [partial(run, k) for k in sizes])
+        masks, boxes, logits = jax.lax.switch(branch, [none] + [partial(run, k) for k in sizes])
         masks = masks & dets["valid"][:, :, None, None]
         out = dict(dets, bboxes=jnp.where(dets["valid"][..., None], boxes, 0), masks=masks)
         return out, {"mask_roi_extractor": roi_feats, "mask_head.mask_preds": logits}

@@ -35,14 +35,16 @@ class SingleRoIExtractor(nnx.Module):
         self.roi_layers = nnx.List([RoIAlign(cfg.roi_layer, 1 / s) for s in cfg.featmap_strides])
         self.num_inputs = len(cfg.featmap_strides)
 
-    def __call__(self, feats, rois):
-        """feats: per level (B, H, W, C); rois (K, 5). Returns (K, oh, ow, C)."""
+    def __call__(self, feats, rois, valid=None):
+        """feats: per level (B, H, W, C); rois (K, 5); valid (K,) bool, optional (False rows are skipped
+        and give zeros). Returns (K, oh, ow, C)."""
         feats = feats[: self.num_inputs]
         if len(feats) == 1:
-            return self.roi_layers[0](feats[0], rois)
+            return self.roi_layers[0](feats[0], rois, valid=valid)
         lvls = map_roi_levels(rois, len(feats), self.cfg.finest_scale)
         out = None
         for i, f in enumerate(feats):
-            r = self.roi_layers[i](f, rois, valid=lvls == i)  # other levels' RoIs are skipped, not computed
+            v = lvls == i if valid is None else (lvls == i) & valid
+            r = self.roi_layers[i](f, rois, valid=v)  # other levels' RoIs are skipped, not computed
             out = r if out is None else jnp.where((lvls == i)[:, None, None, None], r, out)
         return out
