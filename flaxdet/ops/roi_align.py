@@ -16,9 +16,9 @@ from [-1, 0], the last row up to H); the adaptive grid spaces samples by ``bin /
 that is at most 4 samples, located arithmetically: Wy costs O(oh * rows * 8) whatever the grid, so huge
 RoIs and elongated ones (grids far above 30) are exact. A fixed ``sampling_ratio`` enumerates its samples.
 
-The contraction runs on a ``window`` x ``window`` crop holding the RoI's support (``dynamic_slice``),
-``chunk`` RoIs at a time (``lax.map`` of ``vmap``): memory O(chunk * window^2 * C); with the default
-window 48 this covers ~90% of FPN-assigned RoIs. The rest (elongated, or large for the map) are redone
+The contraction runs on the smallest square crop of ``SMALL_WINDOWS`` / ``window`` (8 .. 48) holding the
+RoI's support (``dynamic_slice``), ``chunk`` RoIs at a time (``lax.map`` of ``vmap``; RoIs sorted by crop
+tier, one ``lax.switch`` per chunk): memory O(chunk * window^2 * C); 48 covers ~90% of FPN-assigned RoIs. The rest (elongated, or large for the map) are redone
 one at a time by a while loop over just those RoIs, on a ``big_window`` crop or the whole map
 (``lax.switch``): extra memory O(H * W * C). The op is linear in ``features``; that loop has an explicit
 VJP, so reverse-mode gradients reach ``features`` (not forward-mode; RoI coordinates are constants, as
@@ -128,6 +128,11 @@ def _fits(roi, win, hw, args):
     return (yhi < _crop_origin(ylo, hw[0], win[0]) + win[0]) & (xhi < _crop_origin(xlo, hw[1], win[1]) + win[1])
 
 
+def _misses(rois, windows, hw, args):
+    """(K,) int32: how many of ``windows`` (nested, smallest first) each RoI's support does not fit."""
+    return sum((~jax.vmap(lambda r, t=t: _fits(r, t, hw, args))(rois)).astype(jnp.int32) for t in windows)
+
+
 def _big_rows(tier):
     return jnp.argsort(tier == 0, stable=True), (tier > 0).sum()
 
@@ -186,8 +191,7 @@ def _roi_align(features, rois, valid, output_size, spatial_scale, sampling_ratio
     # without a valid RoI are skipped (e.g. the RoIs of other levels in an FPN extractor). RoIs that fit
     # no small tier are computed at the largest and redone below on a bigger crop.
     small = sorted({(min(t, h), min(t, w)) for t in SMALL_WINDOWS if t < window} | {tiers[0]})
-    fit = sum((~jax.vmap(lambda r, t=t: _fits(r, t, (h, w), args))(rois)).astype(jnp.int32) for t in small)
-    key = jnp.where(valid, jnp.minimum(fit, len(small) - 1), len(small))
+    key = jnp.where(valid, jnp.minimum(_misses(rois, small, (h, w), args), len(small) - 1), len(small))
     m = min(chunk, k)
     n = -(-k // m)
     perm = jnp.argsort(key, stable=True)
@@ -201,8 +205,7 @@ def _roi_align(features, rois, valid, output_size, spatial_scale, sampling_ratio
     out = jax.lax.map(lambda x: jax.lax.switch(x[1], branches, x[0]), (r, branch))
     out = out.reshape(n * m, *output_size, c)[jnp.argsort(perm)]
     if len(tiers) > 1:  # tier: how many crops (smallest first, full map excluded) the RoI does not fit
-        tier = sum((~jax.vmap(lambda r, t=t: _fits(r, t, (h, w), args))(rois)).astype(jnp.int32)
-                   for t in tiers[:-1])
+        tier = _misses(rois, tiers[:-1], (h, w), args)
         out = _redo_big(features, rois, jnp.where(valid, tier, 0), out, tuple(tiers[1:]), args)
     return jnp.where(valid[:, None, None, None], out, 0).astype(features.dtype)
 
