@@ -479,6 +479,59 @@ class StandardRoIHeadCfg(RoIHeadCfg):
     init_cfg: Optional[FrozenMap] = None
 
 
+def _per_stage(value, n, what, head):
+    """visdet's cascade heads take one config (shared by every stage) or a list with one per stage."""
+    if value is None or isinstance(value, tuple):
+        if value is not None and len(value) != n:
+            raise ConfigError(f"{head}: {what} has {len(value)} entries for num_stages={n}")
+        return value
+    return (value,) * n
+
+
+@dataclass(frozen=True)
+class CascadeRoIHeadCfg(RoIHeadCfg):
+    """visdet ``CascadeRoIHead``. ``bbox_roi_extractor``/``bbox_head``/``mask_roi_extractor``/``mask_head``
+    take one config or a list (one per stage), as visdet; they are stored as per-stage tuples.
+    ``train_cfg`` is a per-stage tuple (visdet asserts a list). ``mask_roi_extractor`` None: the mask
+    branch shares the bbox extractors (visdet's ``share_roi_extractor``)."""
+    TYPE: ClassVar[str] = "CascadeRoIHead"
+    num_stages: int = 3
+    stage_loss_weights: tuple = (1.0, 0.5, 0.25)
+    bbox_roi_extractor: Union[RoIExtractorCfg, tuple[RoIExtractorCfg, ...], None] = None
+    bbox_head: Union[BBoxHeadCfg, tuple[BBoxHeadCfg, ...], None] = None
+    mask_roi_extractor: Union[RoIExtractorCfg, tuple[RoIExtractorCfg, ...], None] = None
+    mask_head: Union[MaskHeadCfg, tuple[MaskHeadCfg, ...], None] = None
+    shared_head: Optional[FrozenMap] = None
+    train_cfg: Union[RCNNTrainCfg, tuple[RCNNTrainCfg, ...], None] = None
+    test_cfg: Optional[RCNNTestCfg] = None
+    init_cfg: Optional[FrozenMap] = None
+
+    def __post_init__(self):  # visdet's CascadeRoIHead asserts
+        n = self.num_stages
+        if n < 1:
+            raise ConfigError(f"{self.TYPE}: num_stages must be >= 1, got {n}")
+        if self.bbox_roi_extractor is None or self.bbox_head is None:
+            raise ConfigError(f"{self.TYPE}: bbox_roi_extractor and bbox_head are required")
+        if self.shared_head is not None:
+            raise ConfigError(f"{self.TYPE}: shared_head is not supported in Cascade R-CNN")
+        if len(self.stage_loss_weights) != n:
+            raise ConfigError(f"{self.TYPE}: stage_loss_weights {self.stage_loss_weights} needs one weight per "
+                              f"stage (num_stages={n})")
+        if self.train_cfg is not None and not isinstance(self.train_cfg, tuple):
+            raise ConfigError(f"{self.TYPE}: train_cfg.rcnn must be a list with one entry per stage")
+        for name in ("bbox_roi_extractor", "bbox_head", "mask_roi_extractor", "mask_head", "train_cfg"):
+            object.__setattr__(self, name, _per_stage(getattr(self, name), n, name, self.TYPE))
+        if self.mask_roi_extractor is not None and self.mask_head is None:
+            raise ConfigError(f"{self.TYPE}: mask_roi_extractor without mask_head")
+        object.__setattr__(self, "stage_loss_weights", tuple(float(w) for w in self.stage_loss_weights))
+
+
+def final_bbox_head(roi_head_cfg):
+    """The bbox head config that predicts (a cascade's last stage; the only one otherwise)."""
+    bh = roi_head_cfg.bbox_head
+    return bh[-1] if isinstance(bh, tuple) else bh
+
+
 @dataclass(frozen=True)
 class TwoStageDetectorCfg(DetectorCfg):
     TYPE: ClassVar[str] = "TwoStageDetector"
@@ -503,12 +556,18 @@ class MaskRCNNCfg(TwoStageDetectorCfg):
     TYPE: ClassVar[str] = "MaskRCNN"
 
 
+@dataclass(frozen=True)
+class CascadeRCNNCfg(TwoStageDetectorCfg):
+    TYPE: ClassVar[str] = "CascadeRCNN"
+
+
 # The one explicit table: visdet ``type`` string -> config dataclass.
 TYPE_TABLE: dict[str, type[Cfg]] = {
     c.TYPE: c for c in (
         MaskRCNNCfg, FasterRCNNCfg, TwoStageDetectorCfg, DetDataPreprocessorCfg,
         ResNetCfg, SwinTransformerCfg, FPNCfg, RPNHeadCfg, AnchorGeneratorCfg, DeltaXYWHBBoxCoderCfg,
         StandardRoIHeadCfg, SingleRoIExtractorCfg, RoIAlignCfg,
+        CascadeRCNNCfg, CascadeRoIHeadCfg,
         ConvFCBBoxHeadCfg, Shared2FCBBoxHeadCfg, Shared4Conv1FCBBoxHeadCfg, FCNMaskHeadCfg,
         CrossEntropyLossCfg, L1LossCfg, SmoothL1LossCfg,
         MaxIoUAssignerCfg, RandomSamplerCfg,

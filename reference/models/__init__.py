@@ -7,9 +7,11 @@ import numpy as np
 import torch
 
 from flaxdet.config import TwoStageDetectorCfg, load_config, parse_model_config
+from flaxdet_reference.models.detectors.cascade_rcnn import CascadeRCNN
 from flaxdet_reference.models.detectors.two_stage import FasterRCNN, MaskRCNN, TwoStageDetector
 
-DETECTORS = {"TwoStageDetector": TwoStageDetector, "FasterRCNN": FasterRCNN, "MaskRCNN": MaskRCNN}
+DETECTORS = {"TwoStageDetector": TwoStageDetector, "FasterRCNN": FasterRCNN, "MaskRCNN": MaskRCNN,
+             "CascadeRCNN": CascadeRCNN}
 
 
 def build_detector(cfg) -> TwoStageDetector:

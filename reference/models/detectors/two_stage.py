@@ -15,11 +15,12 @@ from flaxdet_reference.models.data_preprocessors.data_preprocessor import DetDat
 from flaxdet_reference.models.dense_heads.rpn_head import RPNHead
 from flaxdet_reference.models.necks.fpn import FPN
 from flaxdet_reference.models.roi_heads.standard_roi_head import StandardRoIHead
+from flaxdet_reference.models.roi_heads.cascade_roi_head import CascadeRoIHead
 
 BACKBONES = {"ResNet": ResNet, "SwinTransformer": SwinTransformer}
 NECKS = {"FPN": FPN}
 RPN_HEADS = {"RPNHead": RPNHead}
-ROI_HEADS = {"StandardRoIHead": StandardRoIHead}
+ROI_HEADS = {"StandardRoIHead": StandardRoIHead, "CascadeRoIHead": CascadeRoIHead}
 
 
 def _build(table, cfg, what):
