@@ -137,13 +137,13 @@ def build_parser():
 
 
 def cmd_presets(args):
-    from flaxdet.config import PRESET_DIR, list_presets, load_config
+    from flaxdet.config import PRESET_DIR, final_bbox_head, list_presets, load_config
 
     for name in list_presets():
         cfg = load_config(name)
         depth = getattr(cfg.backbone, "depth", None)
         print(f"{name:<20} {cfg.TYPE:<12} {cfg.backbone.TYPE}{'' if depth is None else f'-{depth}'} "
-              f"{cfg.roi_head.bbox_head.num_classes} classes   ({PRESET_DIR / (name + '.yaml')})")
+              f"{final_bbox_head(cfg.roi_head).num_classes} classes   ({PRESET_DIR / (name + '.yaml')})")
     return 0
 
 

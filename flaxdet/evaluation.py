@@ -62,7 +62,9 @@ def evaluate(model, ann_file, img_dir=None, scale=(1333, 800), backend="flaxdet"
     from flaxdet.data.transforms import load_image, resize_keep_ratio
 
     ds = CocoDataset(ann_file, img_dir)
-    n_model = model.cfg.roi_head.bbox_head.num_classes
+    from flaxdet.config import final_bbox_head
+
+    n_model = final_bbox_head(model.cfg.roi_head).num_classes
     if n_model != len(ds.classes):
         from flaxdet.data.coco import DatasetError
 
