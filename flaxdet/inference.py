@@ -21,6 +21,7 @@ from flax import nnx
 
 from flaxdet.config import TwoStageDetectorCfg
 from flaxdet.models.detectors.two_stage import TwoStageDetector, build_detector
+from flaxdet.nn import set_compute_dtype
 
 
 def _round_up(x, d):
@@ -58,7 +59,12 @@ def make_batch(images, metas, pad_size_divisor=32, canvas_divisor=256) -> Batch:
 class Detector:
     """A flaxdet two-stage detector with a jit cache per shape bucket."""
 
-    def __init__(self, model: TwoStageDetector, classes=None):
+    def __init__(self, model: TwoStageDetector, classes=None, dtype=None):
+        """``dtype``: compute dtype of the convolutions and matmuls ("bfloat16" for mixed precision,
+        "float32"; None keeps the model's, float32 unless set): see :func:`flaxdet.nn.set_compute_dtype`.
+        Parameters stay float32; the model's layers are set in place."""
+        if dtype is not None:
+            set_compute_dtype(model, dtype)
         self.model = model
         self.cfg: TwoStageDetectorCfg = model.cfg
         self.classes = list(classes) if classes is not None else None
@@ -66,8 +72,8 @@ class Detector:
         self._compiled = {}
 
     @classmethod
-    def from_config(cls, cfg, seed=0, classes=None):
-        return cls(build_detector(cfg, seed), classes)
+    def from_config(cls, cfg, seed=0, classes=None, dtype=None):
+        return cls(build_detector(cfg, seed), classes, dtype)
 
     def refresh(self):
         """Call after changing the model's variables in place."""

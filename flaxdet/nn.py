@@ -17,7 +17,43 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flaxdet.ops import exact_div  # noqa: F401  (re-exported: layers use it)
+
 PRECISION = jax.lax.Precision.HIGHEST  # float32 parity: no reduced-precision passes on accelerators
+
+# Compute-dtype policy (mixed precision). Parameters always stay float32. A layer whose
+# ``compute_dtype`` is set (Conv2d, ConvTranspose2d, Linear: the convolutions and matmuls) casts its
+# input and weight to that dtype and accumulates and returns float32 (``preferred_element_type``);
+# everything between them -- BatchNorm, ReLU, residual adds, softmax/sigmoid, box decoding, NMS,
+# RoIAlign (features and sampling coordinates), mask pasting and every loss -- therefore runs in
+# float32. XLA fuses each float32 elementwise chain into the cast that feeds the next bf16 op, so the
+# float32 intermediates are rarely materialised. Default ``None``: float32 end to end (parity).
+COMPUTE_DTYPES = {"float32": None, "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def _compute(x, w, compute_dtype):
+    """(x, w, precision, preferred_element_type) for a layer's conv/matmul under the policy."""
+    if compute_dtype is None:
+        return x, w.astype(x.dtype), PRECISION, None
+    dt = jnp.dtype(compute_dtype)
+    return x.astype(dt), w.astype(dt), jax.lax.Precision.DEFAULT, jnp.float32
+
+
+def set_compute_dtype(module, dtype):
+    """Set the compute dtype of every Conv2d / ConvTranspose2d / Linear in ``module`` (in place).
+    ``dtype``: None / "float32" (float32 everywhere, the parity default) or "bfloat16". Returns the
+    number of layers set. The dtype is a static attribute: jitted functions of the model's graphdef
+    recompile for it (``Detector`` and ``TrainState`` split the model after setting it)."""
+    key = dtype if dtype is None or isinstance(dtype, str) else jnp.dtype(dtype).name
+    if key is not None and key not in COMPUTE_DTYPES:
+        raise ValueError(f"compute dtype must be one of {sorted(COMPUTE_DTYPES)} (got {dtype!r})")
+    value = None if key is None else COMPUTE_DTYPES[key]
+    n = 0
+    for _, m in nnx.iter_modules(module):
+        if isinstance(m, (Conv2d, ConvTranspose2d, Linear)):
+            m.compute_dtype = value
+            n += 1
+    return n
 
 
 class Counter(nnx.Variable):
@@ -32,6 +68,7 @@ class Conv2d(nnx.Module):
     """torch.nn.Conv2d on NHWC. weight (kh, kw, in/groups, out) = torch (out, in/groups, kh, kw)."""
 
     TORCH_LAYOUT = {"weight": (2, 3, 1, 0)}
+    compute_dtype = None  # see set_compute_dtype
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, *, rngs: nnx.Rngs):
@@ -47,11 +84,12 @@ class Conv2d(nnx.Module):
         self.bias = nnx.Param(_uniform(rngs.params(), (out_channels,), bound)) if bias else None
 
     def __call__(self, x):
+        x, w, precision, out_dtype = _compute(x, self.weight[...], self.compute_dtype)
         y = jax.lax.conv_general_dilated(
-            x, self.weight[...].astype(x.dtype), window_strides=self.stride,
+            x, w, window_strides=self.stride,
             padding=[(p, p) for p in self.padding], rhs_dilation=self.dilation,
             dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups,
-            precision=PRECISION)
+            precision=precision, preferred_element_type=out_dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
@@ -62,6 +100,7 @@ class ConvTranspose2d(nnx.Module):
     out[n, s*i+a, s*j+b, o] = bias[o] + sum_c x[n,i,j,c] * W[c,o,a,b]. weight (kh, kw, in, out)."""
 
     TORCH_LAYOUT = {"weight": (2, 3, 0, 1)}
+    compute_dtype = None  # see set_compute_dtype
 
     def __init__(self, in_channels, out_channels, kernel_size, stride, bias=True, *, rngs: nnx.Rngs):
         if kernel_size != stride:
@@ -74,7 +113,8 @@ class ConvTranspose2d(nnx.Module):
     def __call__(self, x):
         n, h, w, _ = x.shape
         s = self.stride
-        y = jnp.einsum("nijc,abco->niajbo", x, self.weight[...].astype(x.dtype), precision=PRECISION)
+        x, kernel, precision, out_dtype = _compute(x, self.weight[...], self.compute_dtype)
+        y = jnp.einsum("nijc,abco->niajbo", x, kernel, precision=precision, preferred_element_type=out_dtype)
         y = y.reshape(n, h * s, w * s, -1)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
@@ -85,6 +125,7 @@ class Linear(nnx.Module):
     """torch.nn.Linear. weight (in, out) = torch (out, in)."""
 
     TORCH_LAYOUT = {"weight": (1, 0)}
+    compute_dtype = None  # see set_compute_dtype
 
     def __init__(self, in_features, out_features, bias=True, *, rngs: nnx.Rngs):
         bound = 1 / math.sqrt(in_features)
@@ -93,7 +134,8 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(_uniform(rngs.params(), (out_features,), bound)) if bias else None
 
     def __call__(self, x):
-        y = jnp.matmul(x, self.weight[...].astype(x.dtype), precision=PRECISION)
+        x, w, precision, out_dtype = _compute(x, self.weight[...], self.compute_dtype)
+        y = jnp.matmul(x, w, precision=precision, preferred_element_type=out_dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
@@ -162,13 +204,6 @@ class Sequential(nnx.List):
         for layer in self:
             x = layer(x)
         return x
-
-
-def exact_div(x, y):
-    """``x / y`` with IEEE division. XLA rewrites ``x / broadcast(c)`` into ``x * (1/c)``, which is
-    off by an ulp from torch; hiding the broadcast behind an optimization barrier keeps the divide."""
-    y = jnp.broadcast_to(jnp.asarray(y, x.dtype), jnp.broadcast_shapes(jnp.shape(x), jnp.shape(y)))
-    return x / jax.lax.optimization_barrier(y)
 
 
 def relu(x):

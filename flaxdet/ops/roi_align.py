@@ -34,6 +34,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from flaxdet.ops import exact_div
+
 _HI = jax.lax.Precision.HIGHEST
 SMALL_WINDOWS = (8, 16, 24, 32)  # crop tiers below ``window`` (see _roi_align)
 
@@ -47,7 +49,7 @@ def _geometry(roi, scale, out_hw, sampling_ratio, aligned):
         size = roi[hi_i] * scale - off - start
         if not aligned:
             size = jnp.maximum(size, 1.0)
-        bin_size = size / n
+        bin_size = exact_div(size, n)  # not size * (1/n): ceil(bin_size) below must see torch's quotient
         grid = jnp.asarray(sampling_ratio, roi.dtype) if sampling_ratio > 0 else jnp.ceil(bin_size)
         geo.append((start, bin_size, grid))
     return geo
@@ -79,9 +81,9 @@ def _axis_weights(start, bin_size, grid, n_out, size, r0, win, sampling_ratio):
     if sampling_ratio > 0:
         t = jnp.arange(sampling_ratio, dtype=dt)[None, None, :]
     else:
-        f = jnp.ceil((rows.astype(dt) - 1.0 - bin_start) / (bin_size / grid) - 0.5) - 2
+        f = jnp.ceil((rows.astype(dt) - 1.0 - bin_start) / exact_div(bin_size, grid) - 0.5) - 2
         t = jnp.where(jnp.isnan(f), 2 ** 24, jnp.clip(f, -2, 2 ** 24)) + jnp.arange(8, dtype=dt)
-    y = bin_start + (t + 0.5) * bin_size / grid  # torchvision's sample positions, same rounding
+    y = bin_start + exact_div((t + 0.5) * bin_size, grid)  # torchvision's sample positions, same rounding
     ok = (t >= 0) & (t < grid) & (y >= -1.0) & (y <= size)
     y = jnp.maximum(jnp.where(ok, y, 0), 0)
     low = jnp.floor(y).astype(jnp.int32)
