@@ -300,6 +300,19 @@ class ResNetCfg(BackboneCfg):
 
 
 @dataclass(frozen=True)
+class ResNeXtCfg(ResNetCfg):
+    """visdet/MMDetection ``ResNeXt``: a ResNet whose bottleneck 3x3 conv is grouped; the bottleneck
+    width is ``floor(planes * base_width / base_channels) * groups`` (``groups == 1``: ``planes``)."""
+    TYPE: ClassVar[str] = "ResNeXt"
+    groups: int = 1
+    base_width: int = 4
+
+    def __post_init__(self):
+        if self.depth not in (50, 101, 152):
+            raise ConfigError(f"{self.TYPE}: depth must be 50, 101 or 152 (bottleneck blocks), got {self.depth}")
+
+
+@dataclass(frozen=True)
 class SwinTransformerCfg(BackboneCfg):
     """visdet ``SwinTransformer`` (the flagship ``mask_rcnn_swin_s`` preset): built by
     ``flaxdet/models/backbones/swin.py`` and ``reference/models/backbones/swin.py``."""
@@ -565,7 +578,7 @@ class CascadeRCNNCfg(TwoStageDetectorCfg):
 TYPE_TABLE: dict[str, type[Cfg]] = {
     c.TYPE: c for c in (
         MaskRCNNCfg, FasterRCNNCfg, TwoStageDetectorCfg, DetDataPreprocessorCfg,
-        ResNetCfg, SwinTransformerCfg, FPNCfg, RPNHeadCfg, AnchorGeneratorCfg, DeltaXYWHBBoxCoderCfg,
+        ResNetCfg, ResNeXtCfg, SwinTransformerCfg, FPNCfg, RPNHeadCfg, AnchorGeneratorCfg, DeltaXYWHBBoxCoderCfg,
         StandardRoIHeadCfg, SingleRoIExtractorCfg, RoIAlignCfg,
         CascadeRCNNCfg, CascadeRoIHeadCfg,
         ConvFCBBoxHeadCfg, Shared2FCBBoxHeadCfg, Shared4Conv1FCBBoxHeadCfg, FCNMaskHeadCfg,

@@ -1,11 +1,13 @@
 """ResNet (visdet ``models/backbones/resnet.py``), NHWC. Same attribute tree as visdet/torchvision."""
 from __future__ import annotations
 
+import math
+
 from flax import nnx
 
 from flaxdet.config import ResNetCfg
 from flaxdet.models.layers import norm_layer
-from flaxdet.nn import Conv2d, Sequential, max_pool2d, relu
+from flaxdet.nn import BatchNorm2d, Conv2d, GroupNorm, Sequential, max_pool2d, relu
 
 
 def _conv(cin, cout, k, stride=1, padding=0, dilation=1, groups=1, *, rngs):
@@ -40,7 +42,7 @@ class Bottleneck(nnx.Module):
     def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None, style="pytorch",
                  with_cp=False, norm_cfg=None, groups=1, base_width=64, base_channels=64, *, rngs):
         conv1_stride, conv2_stride = (1, stride) if style == "pytorch" else (stride, 1)
-        width = planes if groups == 1 else (planes * base_width // base_channels) * groups
+        width = planes if groups == 1 else math.floor(planes * (base_width / base_channels)) * groups
         self.conv1 = _conv(inplanes, width, 1, conv1_stride, rngs=rngs)
         self.bn1 = _bn(norm_cfg, width, rngs)
         self.conv2 = _conv(width, width, 3, conv2_stride, dilation, dilation, groups, rngs=rngs)
@@ -98,9 +100,6 @@ class ResNet(nnx.Module):
     arch_settings = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)),
                      50: (Bottleneck, (3, 4, 6, 3)), 101: (Bottleneck, (3, 4, 23, 3)),
                      152: (Bottleneck, (3, 8, 36, 3))}
-    groups = 1
-    base_width = 64
-
     def __init__(self, cfg: ResNetCfg, *, rngs: nnx.Rngs):
         if cfg.depth not in self.arch_settings:
             raise ValueError(f"invalid depth {cfg.depth} for ResNet (supported: {sorted(self.arch_settings)})")
@@ -125,7 +124,7 @@ class ResNet(nnx.Module):
             planes = cfg.base_channels * 2**i
             setattr(self, f"layer{i + 1}", res_layer(
                 block, inplanes, planes, n, cfg.strides[i], cfg.dilations[i], cfg.avg_down, nc, rngs,
-                style=cfg.style, groups=self.groups, base_width=self.base_width,
+                style=cfg.style, groups=getattr(cfg, "groups", 1), base_width=getattr(cfg, "base_width", 64),
                 base_channels=cfg.base_channels))
             inplanes = planes * block.expansion
 
@@ -140,9 +139,21 @@ class ResNet(nnx.Module):
         return tuple(outs)
 
     def frozen_prefixes(self) -> tuple[str, ...]:
-        """Parameter path prefixes that visdet freezes (frozen_stages): for the train step."""
+        """Parameter path prefixes that visdet freezes, for the train step: ``frozen_stages``, and every
+        norm layer when ``norm_cfg.requires_grad`` is false (visdet's caffe-style presets)."""
         k = self.cfg.frozen_stages
-        if k < 0:
-            return ()
-        stem = ("stem",) if self.cfg.deep_stem else ("conv1", "bn1")
-        return stem + tuple(f"layer{i}" for i in range(1, k + 1))
+        out = ()
+        if k >= 0:
+            stem = ("stem",) if self.cfg.deep_stem else ("conv1", "bn1")
+            out = stem + tuple(f"layer{i}" for i in range(1, k + 1))
+        if not self.cfg.norm_cfg.requires_grad:
+            out += tuple(".".join(map(str, path)) for path, node in nnx.iter_graph(self)
+                         if isinstance(node, (BatchNorm2d, GroupNorm)))
+        return out
+
+
+class ResNeXt(ResNet):
+    """visdet ``ResNeXt``: ResNet with grouped bottlenecks (``cfg.groups``, ``cfg.base_width``); same keys."""
+
+    arch_settings = {50: (Bottleneck, (3, 4, 6, 3)), 101: (Bottleneck, (3, 4, 23, 3)),
+                     152: (Bottleneck, (3, 8, 36, 3))}

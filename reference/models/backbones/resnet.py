@@ -1,6 +1,8 @@
 """ResNet (visdet ``models/backbones/resnet.py``; same names as torchvision's ResNet)."""
 from __future__ import annotations
 
+import math
+
 import torch.utils.checkpoint as cp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -53,7 +55,7 @@ class Bottleneck(nn.Module):
         conv1_stride, conv2_stride = (1, stride) if style == "pytorch" else (stride, 1)
         width = planes
         if groups > 1:  # ResNeXt: width = floor(planes * base_width / base_channels) * groups
-            width = (planes * base_width // base_channels) * groups
+            width = math.floor(planes * (base_width / base_channels)) * groups
         self.bn1 = norm_layer(norm_cfg, width)[1]
         self.bn2 = norm_layer(norm_cfg, width)[1]
         self.bn3 = norm_layer(norm_cfg, planes * self.expansion)[1]
@@ -104,9 +106,6 @@ class ResNet(nn.Module):
         101: (Bottleneck, (3, 4, 23, 3)),
         152: (Bottleneck, (3, 8, 36, 3)),
     }
-    groups = 1
-    base_width = 64
-
     def __init__(self, cfg: ResNetCfg):
         super().__init__()
         if cfg.depth not in self.arch_settings:
@@ -140,8 +139,8 @@ class ResNet(nn.Module):
             planes = cfg.base_channels * 2**i
             layer = ResLayer(self.block, inplanes, planes, num_blocks, stride=cfg.strides[i],
                              dilation=cfg.dilations[i], avg_down=cfg.avg_down, norm_cfg=norm_cfg,
-                             style=cfg.style, with_cp=cfg.with_cp, groups=self.groups,
-                             base_width=self.base_width, base_channels=cfg.base_channels)
+                             style=cfg.style, with_cp=cfg.with_cp, groups=getattr(cfg, "groups", 1),
+                             base_width=getattr(cfg, "base_width", 64), base_channels=cfg.base_channels)
             inplanes = planes * self.block.expansion
             self.add_module(f"layer{i + 1}", layer)
             self.res_layers.append(f"layer{i + 1}")
@@ -181,3 +180,10 @@ class ResNet(nn.Module):
                 if isinstance(m, _BatchNorm):
                     m.eval()
         return self
+
+
+class ResNeXt(ResNet):
+    """visdet ``ResNeXt``: ResNet with grouped bottlenecks (``cfg.groups``, ``cfg.base_width``); same keys."""
+
+    arch_settings = {50: (Bottleneck, (3, 4, 6, 3)), 101: (Bottleneck, (3, 4, 23, 3)),
+                     152: (Bottleneck, (3, 8, 36, 3))}
