@@ -61,6 +61,15 @@ TOLERANCES: dict[str, Tol] = {
     "train.loss": Tol(1e-5, "each loss term, relative; sums over up to 77k anchors in float32: observed <= 5e-7"),
     "train.grad": Tol(1e-3, "parameter gradients, scale-relative; backprop through 20+ convs in another "
                             "reduction order: observed <= 1.1e-4 (backbone.layer2), <= 7e-6 elsewhere"),
+    # Cascade R-CNN stages after the first (stage 0 uses the names above). End to end, compare_stages judges
+    # the refined RoIs in pixels (e2e.det.bboxes_px) and the features/heads on them with e2e.features.
+    "cascade.rois": Tol(1e-5, "RoIs refined between stages: argmax class, decode of the stage's bbox_pred and "
+                              "clip -- the arithmetic of det.bboxes, exact given the same inputs"),
+    "cascade.bbox_roi_extractor": Tol(1e-5, "as bbox_roi_extractor, on the refined RoIs"),
+    "cascade.bbox_head": Tol(1e-5, "as bbox_head, one head per stage"),
+    "cascade.cls_score": Tol(1e-5, "mean of the stages' raw logits, summed in stage order on both sides"),
+    "cascade.mask_head": Tol(1e-5, "as mask_head, one head per stage"),
+    "cascade.mask_probs": Tol(1e-5, "mean of the stages' sigmoid mask probabilities (in [0, 1])"),
 }
 TIE_EPS = 2e-6  # minimum tie window; a comparison's own score tolerance widens it (see compare_detections)
 MASK_PIXELS_PER_IMAGE = 64  # max differing mask pixels per image (all masks), end to end. The paste thresholds

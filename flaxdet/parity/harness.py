@@ -16,6 +16,9 @@ from flaxdet.parity import (MASK_PIXELS_PER_IMAGE, TOLERANCES, Row, compare_arra
                             tolerance_for)
 
 DENSE_PREFIXES = ("preprocessed", "backbone.", "neck.", "rpn_head.")
+# Cascade R-CNN stages after the first: one row per proposal / per detection, like the stage-0 keys
+CASCADE_PROPOSAL_ROWS = ("cascade.rois.", "cascade.bbox_roi_extractor.", "cascade.bbox_head.", "cascade.cls_score")
+CASCADE_DET_ROWS = ("cascade.mask_head.", "cascade.mask_probs")
 
 
 def flaxdet_stages(stages: dict, dets_unpadded: dict | None = None) -> dict:
@@ -29,11 +32,12 @@ def flaxdet_stages(stages: dict, dets_unpadded: dict | None = None) -> dict:
             out[k] = a[:1].transpose(0, 3, 1, 2) if a.ndim == 4 else a[:1]
         elif k in ("proposals.bboxes", "proposals.scores"):
             out[k] = a[0][pv]
-        elif k in ("bbox_roi_extractor", "bbox_head.cls_score", "bbox_head.bbox_pred"):
+        elif k in ("bbox_roi_extractor", "bbox_head.cls_score", "bbox_head.bbox_pred") or \
+                k.startswith(CASCADE_PROPOSAL_ROWS):
             p = stages["proposals.valid"].shape[1] if pv is not None else a.shape[0]
             a = a[:p][pv] if pv is not None else a
             out[k] = a.transpose(0, 3, 1, 2) if a.ndim == 4 else a
-        elif k in ("mask_roi_extractor", "mask_head.mask_preds"):
+        elif k in ("mask_roi_extractor", "mask_head.mask_preds") or k.startswith(CASCADE_DET_ROWS):
             dv = np.asarray(stages["det.valid"][0])
             a = a[: dv.shape[0]][dv]
             out[k] = a.transpose(0, 3, 1, 2)
@@ -148,6 +152,7 @@ def compare_stages(ours: dict, theirs: dict, teacher_forced: bool = False, bbox_
             continue
         tol = tolerance_for(k) if teacher_forced else TOLERANCES["e2e.features"]
         rows.append(_with_note(compare_array(k, o[g], t[g], tol), m, g))
+    rows += _cascade_rows(ours, theirs, grid, teacher_forced, bbox_geometry)
     if "det.bboxes" in theirs and "det.bboxes" in ours:
         det_keys = [k for k in ("bboxes", "scores", "labels", "masks") if f"det.{k}" in theirs and f"det.{k}" in ours]
         rows += compare_detections("det", {k: ours[f"det.{k}"] for k in det_keys},
@@ -155,7 +160,8 @@ def compare_stages(ours: dict, theirs: dict, teacher_forced: bool = False, bbox_
                                    score_atol=score_tol, mask_pixels=MASK_PIXELS_PER_IMAGE)
         dsame = _row_match(ours["det.bboxes"], theirs["det.bboxes"], box_px)
         dgrid = dsame & ~sampling_flips(ours["det.bboxes"], theirs["det.bboxes"], mask_geometry, scale_factor)
-        for k in ("mask_roi_extractor", "mask_head.mask_preds"):
+        cascade_masks = sorted(k for k in theirs if k.startswith(CASCADE_DET_ROWS))
+        for k in ("mask_roi_extractor", "mask_head.mask_preds", *cascade_masks):
             t = _first(theirs, k)
             if t is None or k not in ours:
                 continue
@@ -166,6 +172,46 @@ def compare_stages(ours: dict, theirs: dict, teacher_forced: bool = False, bbox_
             m, g = dsame[: len(t)], dgrid[: len(t)]
             tol = tolerance_for(k) if teacher_forced else TOLERANCES["e2e.features"]
             rows.append(_with_note(compare_array(k, o[g], t[g], tol), m, g))
+    return rows
+
+
+def _cascade_rows(ours, theirs, ok, teacher_forced, geom):
+    """Cascade R-CNN's later stages: the RoIs each stage ran on (refined by the previous stage) and its
+    features/head outputs, on the rows still comparable -- same proposal, and the same RoIAlign level/grid
+    in every stage so far (a flip upstream legitimately moves everything after it). End to end the RoIs
+    are judged in pixels (``e2e.det.bboxes_px``), the rest with ``e2e.features``."""
+    rows = []
+    box_px = TOLERANCES["e2e.det.bboxes_px"].rtol
+    stages = sorted({int(k.split(".")[2]) for k in theirs if k.startswith("cascade.rois.")})
+    keep = None if ok is None else np.asarray(ok, bool)
+    for s in stages:
+        t, o = theirs[f"cascade.rois.{s}"], ours.get(f"cascade.rois.{s}")
+        if o is None:
+            continue
+        if len(o) != len(t):
+            rows.append(Row(f"cascade.rois.{s}", t.shape, float("inf"), float("inf"), 0, False,
+                            f"{len(o)} rows vs {len(t)}"))
+            return rows
+        m = np.ones(len(t), bool) if keep is None else keep[: len(t)]
+        if teacher_forced:
+            row = compare_array(f"cascade.rois.{s}", o[m], t[m])
+        else:
+            err = np.abs(np.asarray(o, np.float64) - np.asarray(t, np.float64)).max(1) if len(t) else np.zeros(0)
+            worst = float(err[m].max()) if m.any() else 0.0
+            row = Row(f"cascade.rois.{s}", t.shape, worst, 0.0, box_px, worst <= box_px, "pixels")
+        rows.append(_with_note(row, m, m))
+        g = m & ~sampling_flips(o, t, geom)
+        for k in (f"cascade.bbox_roi_extractor.{s}", f"cascade.bbox_head.{s}.cls_score",
+                  f"cascade.bbox_head.{s}.bbox_pred"):
+            if k in theirs and k in ours:
+                tol = tolerance_for(k) if teacher_forced else TOLERANCES["e2e.features"]
+                rows.append(_with_note(compare_array(k, ours[k][g], theirs[k][g], tol), m, g))
+        keep = g
+    if "cascade.cls_score" in theirs and "cascade.cls_score" in ours:
+        t = theirs["cascade.cls_score"]
+        g = np.ones(len(t), bool) if keep is None else keep[: len(t)]
+        tol = tolerance_for("cascade.cls_score") if teacher_forced else TOLERANCES["e2e.features"]
+        rows.append(_with_note(compare_array("cascade.cls_score", ours["cascade.cls_score"][g], t[g], tol), g))
     return rows
 
 
@@ -184,8 +230,10 @@ def _with_note(row: Row, mask, grid=None) -> Row:
 def geometry_of(model_cfg):
     """(bbox, mask) :class:`RoIGeometry` of a two-stage config (mask None without a mask branch)."""
     rh = model_cfg.roi_head
-    mask = RoIGeometry.from_extractor_cfg(rh.mask_roi_extractor) if rh.mask_head is not None else None
-    return RoIGeometry.from_extractor_cfg(rh.bbox_roi_extractor), mask
+    first = lambda c: c[0] if isinstance(c, tuple) else c  # noqa: E731  (Cascade: per-stage tuples)
+    mask_ext = rh.mask_roi_extractor if rh.mask_roi_extractor is not None else rh.bbox_roi_extractor
+    mask = RoIGeometry.from_extractor_cfg(first(mask_ext)) if rh.mask_head is not None else None
+    return RoIGeometry.from_extractor_cfg(first(rh.bbox_roi_extractor)), mask
 
 
 def _stage_order(k):

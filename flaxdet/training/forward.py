@@ -131,9 +131,10 @@ def rpn_loss(model, cls_scores, bbox_preds, batch, key, inject=None):
     return per_cls, per_reg, t
 
 
-def rcnn_sample(model, proposals, prop_valid, batch, key, inject=None):
-    """Per image: candidates [GT (G); proposals (P)], assignment, sampling -> sampled rows."""
-    rh = model.roi_head
+def rcnn_sample(model, proposals, prop_valid, batch, key, inject=None, rh=None):
+    """Per image: candidates [GT (G); proposals (P)], assignment, sampling -> sampled rows. ``rh``: the
+    RoI head to use (default ``model.roi_head``; a cascade stage's view, flaxdet.training.cascade)."""
+    rh = model.roi_head if rh is None else rh
     cfg = rh.cfg.train_cfg
     g = batch["gt_bboxes"].shape[1]
     keys = jax.random.split(key, proposals.shape[0])
@@ -160,8 +161,8 @@ def rcnn_sample(model, proposals, prop_valid, batch, key, inject=None):
     return jax.vmap(one)(proposals, prop_valid, batch["gt_bboxes"], batch["gt_labels"], batch["gt_valid"], keys, inj)
 
 
-def rcnn_loss(model, neck, s, batch):
-    rh = model.roi_head
+def rcnn_loss(model, neck, s, batch, rh=None):
+    rh = model.roi_head if rh is None else rh
     head = rh.bbox_head
     n, rows = s["valid"].shape
     rois = bbox2roi(s["rois"])
@@ -191,9 +192,9 @@ def rcnn_loss(model, neck, s, batch):
                 loss_bbox=head.cfg.loss_bbox.loss_weight * loss_bbox), stages
 
 
-def mask_loss(model, neck, s, batch):
+def mask_loss(model, neck, s, batch, rh=None):
     """Positive rows only: the first Spos sampled rows of each image are the positives."""
-    rh = model.roi_head
+    rh = model.roi_head if rh is None else rh
     spos = int(rh.cfg.train_cfg.sampler.num * rh.cfg.train_cfg.sampler.pos_fraction)
     n = s["valid"].shape[0]
     pos_boxes = s["rois"][:, :spos]
@@ -236,12 +237,18 @@ def loss_fn(model, batch, key, inject=None, with_stages=False):
     pb, ps, pv = model.rpn_head.predict_by_feat([sg(c) for c in cls], [sg(r) for r in reg], batch["img_shapes"], pcfg)
     if inject is not None and "proposals" in inject:  # teacher forcing: visdet's own train proposals
         pb, pv = inject["proposals"]
-    s = rcnn_sample(model, pb, pv, batch, k2, inject)
-    rl, stages = rcnn_loss(model, neck, s, batch)
-    logs.update(rl)
-    if model.roi_head.with_mask:
-        logs["loss_mask"], ms = mask_loss(model, neck, s, batch)
-        stages.update(ms)
+    if getattr(model.roi_head, "num_stages", None) is not None:  # Cascade R-CNN: s{k}.* losses per stage
+        from flaxdet.training.cascade import cascade_rcnn_losses
+
+        rl, stages, s = cascade_rcnn_losses(model, neck, pb, pv, batch, k2, inject)
+        logs.update(rl)
+    else:
+        s = rcnn_sample(model, pb, pv, batch, k2, inject)
+        rl, stages = rcnn_loss(model, neck, s, batch)
+        logs.update(rl)
+        if model.roi_head.with_mask:
+            logs["loss_mask"], ms = mask_loss(model, neck, s, batch)
+            stages.update(ms)
     total = sum(v for k, v in logs.items() if "loss" in k)
     logs["loss"] = total
     if with_stages:

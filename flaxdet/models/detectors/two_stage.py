@@ -11,17 +11,18 @@ from __future__ import annotations
 from flax import nnx
 
 from flaxdet.config import TwoStageDetectorCfg
-from flaxdet.models.backbones.resnet import ResNet
+from flaxdet.models.backbones.resnet import ResNet, ResNeXt
 from flaxdet.models.backbones.swin import SwinTransformer
 from flaxdet.models.data_preprocessors.data_preprocessor import DetDataPreprocessor
 from flaxdet.models.dense_heads.rpn_head import RPNHead
 from flaxdet.models.necks.fpn import FPN
 from flaxdet.models.roi_heads.standard_roi_head import StandardRoIHead
+from flaxdet.models.roi_heads.cascade_roi_head import CascadeRoIHead
 
-BACKBONES = {"ResNet": ResNet, "SwinTransformer": SwinTransformer}
+BACKBONES = {"ResNet": ResNet, "ResNeXt": ResNeXt, "SwinTransformer": SwinTransformer}
 NECKS = {"FPN": FPN}
 RPN_HEADS = {"RPNHead": RPNHead}
-ROI_HEADS = {"StandardRoIHead": StandardRoIHead}
+ROI_HEADS = {"StandardRoIHead": StandardRoIHead, "CascadeRoIHead": CascadeRoIHead}
 
 
 def _build(table, cfg, what, rngs):
@@ -88,7 +89,12 @@ class MaskRCNN(TwoStageDetector):
     pass
 
 
-DETECTORS = {"TwoStageDetector": TwoStageDetector, "FasterRCNN": FasterRCNN, "MaskRCNN": MaskRCNN}
+class CascadeRCNN(TwoStageDetector):
+    """visdet ``CascadeRCNN``: a TwoStageDetector whose roi_head is a CascadeRoIHead."""
+
+
+DETECTORS = {"TwoStageDetector": TwoStageDetector, "FasterRCNN": FasterRCNN, "MaskRCNN": MaskRCNN,
+             "CascadeRCNN": CascadeRCNN}
 
 
 def build_detector(cfg: TwoStageDetectorCfg, seed: int = 0) -> TwoStageDetector:

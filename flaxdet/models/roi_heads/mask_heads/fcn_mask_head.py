@@ -38,15 +38,17 @@ class FCNMaskHead(nnx.Module):
             x = relu(self.upsample(x))
         return self.conv_logits(x)
 
-    def predict_single(self, mask_logits, bboxes, labels, scale_factor, canvas_hw, thr, rescale=True):
+    def predict_single(self, mask_logits, bboxes, labels, scale_factor, canvas_hw, thr, rescale=True,
+                       activate_map=False):
         """mask_logits (D, 28, 28, C); bboxes (D, 4) resized frame. Returns (masks (D, H, W) bool,
-        bboxes in the canvas frame). ``canvas_hw`` is static (the original size, or its bucket)."""
+        bboxes in the canvas frame). ``canvas_hw`` is static (the original size, or its bucket).
+        ``activate_map``: ``mask_logits`` are already probabilities (Cascade's merged masks, visdet's flag)."""
         d = mask_logits.shape[0]
         if self.cfg.class_agnostic:
             logits = mask_logits[..., 0]
         else:
             logits = jnp.take_along_axis(mask_logits, labels[:, None, None, None].astype(jnp.int32), axis=-1)[..., 0]
-        probs = jax.nn.sigmoid(logits)
+        probs = logits if activate_map else jax.nn.sigmoid(logits)
         if rescale:
             sf = scale_factor[:2]
             bboxes = exact_div(bboxes, jnp.concatenate([sf, sf]))
