@@ -1,70 +1,74 @@
-"""Inference benchmark: reference PyTorch eager (visdet's numerics) vs flaxdet jit, same weights, same image.
+"""Inference benchmark: reference PyTorch eager (visdet's numerics) vs flaxdet jit, same weights, same images.
 
-    .venv/bin/python benchmarks/bench_infer.py [--sizes 800x1333 480x640] [--scenarios no-dets max-dets]
-                                               [--repeats 5] [--out bench.json]
+    .venv/bin/python benchmarks/bench_infer.py [--preset mask_rcnn_r50] [--sizes 800x1333 480x640]
+        [--batches 1 4] [--scenarios no-dets max-dets] [--dtypes float32 bfloat16] [--repeats 3] [--out F]
 
-Mask R-CNN R50-FPN (preset ``mask_rcnn_r50``; seeded weights saved as a visdet checkpoint by reference/,
-converted by the production converter). Two scenarios, because the mask branch runs only on the
-detections there are: ``no-dets`` (the seeded weights: every score under ``score_thr``, so no
-detection and no mask head on either side) and ``max-dets`` (the same weights with the classifier
-bias of 10 classes raised by 3, so every proposal clears ``score_thr`` and both sides return
-``max_per_img`` = 100 detections with masks -- what a trained model does on a busy image). Each side runs in its own subprocess so peak resident memory
-is its own. Reports, per input size: median / min latency over ``repeats`` runs after one warm-up,
-flaxdet's first-call (compile) time, peak RSS, detections, and the ratio pytorch / flaxdet (> 1 means
-flaxdet is faster). Timings include preprocessing, RPN, RoI heads, NMS and mask pasting (not decoding).
+Model: a preset (default ``mask_rcnn_r50``, Mask R-CNN R50-FPN; ``--preset mask_rcnn_swin_s`` for visdet's
+Swin-S flagship) with seeded weights saved as a visdet checkpoint by reference/ and loaded on each side
+(flaxdet: by the production converter). Two scenarios, because the mask branch runs only on the
+detections there are: ``no-dets`` (the seeded weights: every score under ``score_thr``, so no detection
+and no mask head on either side) and ``max-dets`` (the classifier bias of 10 classes raised by 3: every
+proposal clears ``score_thr`` and both sides return ``max_per_img`` = 100 detections per image with masks
+-- what a trained model does on a busy image). Batch B = B different synthetic images of the same size.
+
+Each (side, dtype) runs in its own subprocess so peak resident memory is its own. flaxdet's one-time
+cost per shape bucket is measured ahead-of-time: ``trace_s`` (tracing + lowering to StableHLO) and
+``compile_s`` (XLA compile); the timed calls then hit the jit cache. Reported per row: median / min
+latency per batch over ``repeats`` runs after one warm-up, peak RSS, detections per image, and the
+ratio pytorch / flaxdet median (> 1: flaxdet faster). Timings include preprocessing, RPN, RoI heads,
+NMS and mask pasting (not image decoding). ``--dtypes bfloat16`` runs flaxdet's mixed-precision
+policy (convolutions and matmuls in bf16 with float32 accumulation; flaxdet.nn.set_compute_dtype);
+the PyTorch side is always float32 (visdet's numerics).
+
+Runs unchanged on a GPU: torch uses cuda when available, JAX its default backend.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def _image(h, w):
-    import cv2
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    img = cv2.GaussianBlur(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), (0, 0), 3)
-    for _ in range(12):  # some structure so the RPN has something to find
-        c = tuple(int(v) for v in rng.integers(0, 255, 3))
-        x, y = int(rng.integers(0, w - 60)), int(rng.integers(0, h - 60))
-        cv2.rectangle(img, (x, y), (x + int(rng.integers(30, w // 3)), y + int(rng.integers(30, h // 3))), c, -1)
-    return img
+import common
 
 
-def worker(side, ckpt, h, w, repeats):
+def worker(spec):
     import numpy as np
 
     from flaxdet.config import load_config
 
-    cfg = load_config("mask_rcnn_r50")
-    img = _image(h, w)
-    meta = dict(ori_shape=(h, w), img_shape=(h, w), scale_factor=(1.0, 1.0, 1.0, 1.0))
-    times, first = [], None
-    if side == "pytorch":
+    cfg = load_config(spec["preset"])
+    h, w = (int(v) for v in spec["size"].split("x"))
+    imgs = [common.synthetic_image(h, w, seed=i) for i in range(spec["batch"])]
+    metas = [dict(ori_shape=(h, w), img_shape=(h, w), scale_factor=(1.0, 1.0, 1.0, 1.0))] * spec["batch"]
+    out = dict(spec)
+    if spec["side"] == "pytorch":
         import torch
 
         from flaxdet_converters.checkpoint_io import load_checkpoint
         from flaxdet_reference import build_detector
         from flaxdet_reference.models import load_state_dict_strict
 
-        torch.set_num_threads(os.cpu_count())
+        dev = common.torch_setup()
         m = build_detector(cfg)
-        load_state_dict_strict(m, load_checkpoint(ckpt).state_dict)
-        x = torch.from_numpy(img).permute(2, 0, 1).contiguous()
-        run = lambda: m.predict([x], [meta])[0]  # noqa: E731
-        n_det = lambda r: int(len(r["scores"]))  # noqa: E731
+        load_state_dict_strict(m, load_checkpoint(spec["ckpt"]).state_dict)
+        m.eval().to(dev)
+        xs = [torch.from_numpy(im).permute(2, 0, 1).contiguous().to(dev) for im in imgs]
+
+        def run():
+            with torch.no_grad():
+                return m.predict(xs, metas)
+
+        def sync(r):
+            common.torch_sync()
+            return r
+
+        n_det = lambda rs: [int(len(r["scores"])) for r in rs]  # noqa: E731
+        out.update(device=str(dev), dtype="float32")
     else:
         import jax
+        import jax.numpy as jnp
 
         from flaxdet.inference import Detector, make_batch
         from flaxdet.models.detectors.two_stage import build_detector
@@ -72,86 +76,86 @@ def worker(side, ckpt, h, w, repeats):
         from flaxdet_converters.convert import load_visdet_state_dict
 
         model = build_detector(cfg)
-        load_visdet_state_dict(model, load_checkpoint(ckpt).state_dict)
-        det = Detector(model)
-        batch = make_batch([img], [meta])
-
-        def run():
-            return jax.block_until_ready(det.predict_batch(batch))
-
-        n_det = lambda r: int(np.asarray(r["valid"]).sum())  # noqa: E731
-    t = time.perf_counter()
-    r = run()
-    first = time.perf_counter() - t
-    for _ in range(repeats):
+        load_visdet_state_dict(model, load_checkpoint(spec["ckpt"]).state_dict)
+        det = Detector(model, dtype=spec["dtype"])
+        batch = make_batch(imgs, metas)
+        canvas = batch.canvas_hw if model.roi_head.with_mask else None
+        args = (det.state, jnp.asarray(batch.images), jnp.asarray(batch.img_shapes), jnp.asarray(batch.scale_factors))
         t = time.perf_counter()
-        r = run()
-        times.append(time.perf_counter() - t)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps(dict(side=side, size=f"{h}x{w}", median_s=statistics.median(times), min_s=min(times),
-                          first_call_s=first, peak_rss_mb=peak_mb, detections=n_det(r), repeats=repeats)))
+        lowered = Detector._predict.lower(det, *args, canvas, True, False)
+        t1 = time.perf_counter()
+        lowered.compile()  # fills the jit cache: predict_batch below does not compile again
+        out.update(trace_s=t1 - t, compile_s=time.perf_counter() - t1, device=str(jax.devices()[0]),
+                   padded_shape=list(batch.images.shape))
+        run = lambda: det.predict_batch(batch)  # noqa: E731
+        sync = jax.block_until_ready
+        n_det = lambda r: [int(v) for v in np.asarray(r["valid"]).sum(1)]  # noqa: E731
+    first, times, r = common.timed(run, spec["repeats"], sync)
+    out.update(common.summarize(times), first_call_s=first, peak_rss_mb=common.peak_rss_mb(),
+               device_peak_mb=common.device_peak_mb(spec["side"]), detections=n_det(r))
+    out.pop("ckpt")
+    common.emit(out)
 
 
-def main():
+COLS = [("preset", "preset", ""), ("scenario", "scenario", ""), ("size", "size", ""), ("batch", "batch", "d"),
+        ("dets/img", lambda r: r["flaxdet"][r["dtypes"][0]]["detections"][0], "d"),
+        ("pytorch s", lambda r: r["pytorch"]["median_s"], ".2f")]
+
+
+def columns(dtypes):
+    cols = list(COLS)
+    for dt in dtypes:
+        cols += [(f"flaxdet {dt} s", lambda r, dt=dt: r["flaxdet"][dt]["median_s"], ".2f"),
+                 (f"ratio {dt}", lambda r, dt=dt: r["ratio"][dt], ".2f")]
+    cols += [(f"compile {dt} s", lambda r, dt=dt: r["flaxdet"][dt]["trace_s"] + r["flaxdet"][dt]["compile_s"], ".1f")
+             for dt in dtypes]
+    cols += [("RSS pt/fd MB", lambda r: f"{r['pytorch']['peak_rss_mb']:.0f}/"
+              + "/".join(f"{r['flaxdet'][dt]['peak_rss_mb']:.0f}" for dt in r["dtypes"]), "")]
+    return cols
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", nargs="+", default=["800x1333", "480x640"])
-    p.add_argument("--scenarios", nargs="+", default=["no-dets", "max-dets"], choices=["no-dets", "max-dets"])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", default="benchmarks/results/infer.json")
-    p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
-    a = p.parse_args()
+    p.add_argument("--preset", default="mask_rcnn_r50", help="model preset (e.g. mask_rcnn_swin_s)")
+    p.add_argument("--sizes", nargs="+", default=["800x1333", "480x640"], help="HxW of the network input")
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 4])
+    p.add_argument("--scenarios", nargs="+", default=list(common.SCENARIOS), choices=common.SCENARIOS)
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
+                   help="flaxdet compute dtypes (the PyTorch side is float32)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up (median reported)")
+    p.add_argument("--out", help="JSON path (default benchmarks/results/infer[_PRESET].json)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
     if a.worker:
-        side, ckpt, size, repeats = a.worker
-        h, w = (int(v) for v in size.split("x"))
-        worker(side, ckpt, h, w, int(repeats))
-        return
-    import torch
+        return worker(json.loads(a.worker))
 
-    from flaxdet.config import load_config
-    from flaxdet_converters.checkpoint_io import save_checkpoint
-    from flaxdet_reference import build_detector
-
-    torch.manual_seed(0)
-    ref = build_detector(load_config("mask_rcnn_r50"))
-    tmp = Path(tempfile.mkdtemp())
-    sd = {k: v.numpy() for k, v in ref.state_dict().items()}
-    ckpts = {}
-    for scenario in a.scenarios:
-        w = dict(sd)
-        if scenario == "max-dets":
-            b = w["roi_head.bbox_head.fc_cls.bias"].copy()
-            b[:10] += 3.0
-            w["roi_head.bbox_head.fc_cls.bias"] = b
-        ckpts[scenario] = tmp / f"mask_rcnn_r50_{scenario}.pth"
-        save_checkpoint(ckpts[scenario], w)
+    tmp = Path(tempfile.mkdtemp(prefix="flaxdet_bench_"))
+    sd = common.seeded_state_dict(a.preset)
+    ckpts = {s: str(common.write_checkpoint(tmp / f"{a.preset}_{s}.pth", common.scenario_weights(sd, s)))
+             for s in a.scenarios}
+    machine = common.machine()
     rows = []
     for scenario in a.scenarios:
         for size in a.sizes:
-            res = {}
-            for side in ("pytorch", "flaxdet"):
-                r = subprocess.run([sys.executable, __file__, "--worker", side, str(ckpts[scenario]), size,
-                                    str(a.repeats)], capture_output=True, text=True)
-                if r.returncode:
-                    raise SystemExit(f"{side} {size} {scenario} failed:\n{r.stderr[-3000:]}")
-                res[side] = json.loads(r.stdout.strip().splitlines()[-1])
-                print(json.dumps(dict(res[side], scenario=scenario)), flush=True)
-            rows.append(dict(scenario=scenario, size=size, pytorch=res["pytorch"], flaxdet=res["flaxdet"],
-                             speedup_pytorch_over_flaxdet=res["pytorch"]["median_s"] / res["flaxdet"]["median_s"]))
-    import jax
-
-    out = dict(machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
-                            python=platform.python_version(), torch=torch.__version__, jax=jax.__version__,
-                            jax_backend=jax.default_backend()), model="mask_rcnn_r50 (seeded weights)", batch=1,
-               results=rows)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=1))
-    print(f"\n{'scenario':<9} {'size':<10} {'dets':>5} {'pytorch s':>10} {'flaxdet s':>10} {'ratio':>7} {'compile s':>10}")
-    for r in rows:
-        print(f"{r['scenario']:<9} {r['size']:<10} {r['flaxdet']['detections']:>5} {r['pytorch']['median_s']:>10.2f} "
-              f"{r['flaxdet']['median_s']:>10.2f} {r['speedup_pytorch_over_flaxdet']:>7.2f} "
-              f"{r['flaxdet']['first_call_s']:>10.1f}")
-    print("ratio = pytorch / flaxdet median latency (> 1: flaxdet faster)")
-    print(f"wrote {a.out}")
+            for b in a.batches:
+                base = dict(ckpt=ckpts[scenario], preset=a.preset, size=size, batch=b, repeats=a.repeats,
+                            scenario=scenario)
+                pt = common.run_worker(__file__, dict(base, side="pytorch"))
+                print(json.dumps(pt), flush=True)
+                fd = {}
+                for dt in a.dtypes:
+                    fd[dt] = common.run_worker(__file__, dict(base, side="flaxdet", dtype=dt))
+                    print(json.dumps(fd[dt]), flush=True)
+                rows.append(dict(preset=a.preset, scenario=scenario, size=size, batch=b, dtypes=a.dtypes,
+                                 pytorch=pt, flaxdet=fd, ratio={dt: pt["median_s"] / fd[dt]["median_s"] for dt in fd}))
+    out = common.save(f"infer{'' if a.preset == 'mask_rcnn_r50' else '_' + a.preset}.json",
+                      dict(benchmark="infer", machine=machine, preset=a.preset, weights="seeded (reference/, torch seed 0)",
+                           repeats=a.repeats, results=rows), a.out)
+    print()
+    print(common.table(rows, columns(a.dtypes)))
+    print("latency per batch (median); ratio = pytorch / flaxdet (> 1: flaxdet faster); compile = trace + XLA "
+          "compile per shape bucket")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

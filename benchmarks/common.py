@@ -1,0 +1,254 @@
+"""Shared helpers of the benchmark scripts: machine description, seeded checkpoints, synthetic inputs,
+per-side worker subprocesses, timing, tables and JSON.
+
+Device: whatever JAX and torch pick by default. The torch side runs on ``cuda`` when
+``torch.cuda.is_available()`` (and synchronises before reading the clock); the flaxdet side on
+``jax.default_backend()`` (``block_until_ready``). Nothing here is CPU-specific, so the scripts run
+unchanged on a GPU machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+CLASS_BIAS_KEY = "roi_head.bbox_head.fc_cls.bias"
+SCENARIOS = ("no-dets", "max-dets")
+
+
+# -- machine ---------------------------------------------------------------------------------------------
+
+def cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                f = set(line.split(":", 1)[1].split())
+                return [x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if x in f]
+    except OSError:
+        pass
+    return []
+
+
+def mem_total_gb():
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def machine():
+    """What the figures were measured on (versions, CPU, accelerators, load when measured)."""
+    import jax
+    import torch
+
+    out = dict(cpu=cpu_model(), cpu_flags=cpu_flags(), cores=os.cpu_count(),
+               usable_cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+               mem_gb=mem_total_gb(), platform=platform.platform(), python=platform.python_version(),
+               torch=torch.__version__, torch_device=torch_device_name(), jax=jax.__version__,
+               jax_backend=jax.default_backend(), jax_devices=[str(d) for d in jax.devices()],
+               loadavg_at_start=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
+    try:
+        import flax
+
+        out["flax"] = flax.__version__
+    except Exception:  # noqa: BLE001
+        pass
+    return out
+
+
+def torch_device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_device_name():
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def torch_setup():
+    """torch on all the cores it may use (its default on CPU is the physical-core count)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    return torch_device()
+
+
+def torch_sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_rss_mb():
+    """Peak resident memory of this process (host; MB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def device_peak_mb(side):
+    """Peak accelerator memory (MB) where the framework reports it (GPU), else None."""
+    try:
+        if side == "pytorch":
+            import torch
+
+            return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+        import jax
+
+        stats = jax.devices()[0].memory_stats() or {}
+        return stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+# -- inputs ----------------------------------------------------------------------------------------------
+
+def synthetic_image(h, w, seed=0):
+    """A blurred-noise BGR uint8 image with a dozen filled rectangles (structure for the RPN)."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    img = cv2.GaussianBlur(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), (0, 0), 3)
+    for _ in range(12):
+        c = tuple(int(v) for v in rng.integers(0, 255, 3))
+        x, y = int(rng.integers(0, w - 60)), int(rng.integers(0, h - 60))
+        cv2.rectangle(img, (x, y), (x + int(rng.integers(30, w // 3)), y + int(rng.integers(30, h // 3))), c, -1)
+    return img
+
+
+def synthetic_gt(h, w, k, num_classes, seed=0):
+    """``k`` random GT boxes with labels and elliptic bitmap masks in an (h, w) image."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    bw, bh = rng.uniform(16, 0.5 * w, k), rng.uniform(16, 0.5 * h, k)
+    x1, y1 = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+    boxes = np.stack([x1, y1, x1 + bw, y1 + bh], 1).astype(np.float32)
+    yy, xx = np.mgrid[:h, :w] + 0.5
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    rx, ry = (boxes[:, 2] - boxes[:, 0]) / 2, (boxes[:, 3] - boxes[:, 1]) / 2
+    masks = (((xx[None] - cx[:, None, None]) / rx[:, None, None]) ** 2
+             + ((yy[None] - cy[:, None, None]) / ry[:, None, None]) ** 2 <= 1).astype(np.uint8)
+    return dict(bboxes=boxes, labels=rng.integers(0, num_classes, k).astype(np.int64), masks=masks)
+
+
+def seeded_state_dict(preset, seed=0):
+    """visdet-layout state_dict (numpy) of reference/'s model for ``preset``, torch-seeded."""
+    import torch
+
+    from flaxdet.config import load_config
+    from flaxdet_reference import build_detector
+
+    torch.manual_seed(seed)
+    ref = build_detector(load_config(preset))
+    return {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
+
+
+def scenario_weights(sd, scenario):
+    """``no-dets``: seeded weights as they are (no score clears score_thr: no detections, no mask head).
+    ``max-dets``: the classifier bias of 10 classes raised by 3, so every proposal clears score_thr
+    and both sides return max_per_img = 100 detections with masks (a trained model on a busy image)."""
+    w = dict(sd)
+    if scenario == "max-dets":
+        b = w[CLASS_BIAS_KEY].copy()
+        b[:10] += 3.0
+        w[CLASS_BIAS_KEY] = b
+    return w
+
+
+def write_checkpoint(path, sd, classes=None):
+    from flaxdet_converters.checkpoint_io import save_checkpoint
+
+    return save_checkpoint(path, sd, classes=classes)
+
+
+# -- running and timing ----------------------------------------------------------------------------------
+
+def timed(fn, repeats, sync=lambda r: r):
+    """(first call s, [repeat s], last result): one untimed-for-the-median first call, then ``repeats``."""
+    t = time.perf_counter()
+    r = sync(fn())
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        r = sync(fn())
+        times.append(time.perf_counter() - t)
+    return first, times, r
+
+
+def summarize(times):
+    return dict(median_s=statistics.median(times), min_s=min(times), max_s=max(times), times_s=times)
+
+
+def run_worker(script, spec, env=None):
+    """Run ``script --worker JSON`` in a fresh interpreter (so peak RSS and caches are its own);
+    return the JSON dict it prints last. Raises SystemExit with its stderr tail on failure."""
+    cmd = [sys.executable, str(script), "--worker", json.dumps(spec)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    if r.returncode:
+        raise SystemExit(f"worker {spec} failed (exit {r.returncode}):\n{r.stderr[-4000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def emit(result):
+    """A worker's last stdout line: its JSON result."""
+    print(json.dumps(result), flush=True)
+
+
+def save(name, payload, out=None):
+    p = Path(out) if out else RESULTS / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(payload, indent=1))
+    return p
+
+
+def table(rows, cols):
+    """rows: list of dicts; cols: [(header, key or callable, format)] -> aligned text table."""
+    cells = [[h for h, _, _ in cols]]
+    for r in rows:
+        line = []
+        for _, k, f in cols:
+            v = k(r) if callable(k) else r.get(k)
+            line.append("-" if v is None else format(v, f) if f else str(v))
+        cells.append(line)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    fmt = lambda c: "  ".join(s.rjust(w) if i else s.ljust(w) for i, (s, w) in enumerate(zip(c, widths)))  # noqa: E731
+    return "\n".join([fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(c) for c in cells[1:]])
+
+
+def md_table(rows, cols):
+    """The same as :func:`table` in markdown."""
+    out = ["| " + " | ".join(h for h, _, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        vals = []
+        for _, k, f in cols:
+            v = k(r) if callable(k) else r.get(k)
+            vals.append("-" if v is None else format(v, f) if f else str(v))
+        out.append("| " + " | ".join(vals) + " |")
+    return "\n".join(out)
