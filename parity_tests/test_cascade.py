@@ -1,32 +1,45 @@
-"""Cascade (Mask) R-CNN: reference/ and flaxdet on a small cascade config, end to end.
+"""Cascade R-CNN and Cascade Mask R-CNN (visdet ``CascadeRCNN`` / ``CascadeRoIHead``): presets, conversion,
+per-stage parity, training losses and fine-tuning, the CLI.
 
 No visdet recording of a cascade model exists (../shared/goldens has none), so reference/ -- visdet's
-CascadeRoIHead numerics, checked by reading visdet's source -- is the oracle here, as in
-test_random_configs.py: a visdet-layout checkpoint is written from reference/ with seeded,
-well-conditioned weights (every stage's classifier centred on these images' RoIs, so the three stages
-all carry signal, labels vary and scores are not saturated), then
+CascadeRoIHead numerics, checked by reading visdet's source -- is the oracle, as in test_random_configs.py
+and test_architectures.py: for each preset (``cascade_mask_rcnn_r50``, ``cascade_rcnn_r50``) a shrunk twin
+(ResNet-18 base 8, FPN 16, 3 classes, fc 32; the three stages, their coders, assigners and loss weights
+kept) gets seeded, well-conditioned weights (:func:`cascade_weights`) and is saved by reference/ as a
+visdet-layout runner checkpoint, then
 
 * the published presets build visdet's module tree (400 state_dict keys, 77,324,606 parameters for
-  cascade_mask_rcnn_r50; 364 keys without masks);
-* the checkpoint converts strictly into flaxdet and exports back bit-identically;
+  cascade_mask_rcnn_r50; 364 keys without masks), and (slow) their full-size state_dicts convert strictly
+  and export back bit-identically;
+* the small checkpoints convert strictly with the production converter and export back bit-identically;
 * flaxdet under ``jax.jit`` matches reference/ stage by stage (every cascade stage's refined RoIs,
-  features and head outputs, averaged logits, every stage's mask logits and the merged probabilities)
-  with the tolerance table, and the detections are the same (count, order, labels, boxes, masks);
-* (slow) training: flaxdet ``loss_and_grads`` equals reference/'s loss + backward with reference/'s
-  samples of every stage injected (loss terms ``train.loss``, every parameter gradient ``train.grad``);
-* (slow) a few fine-tuning steps on the synthetic set lower the loss;
-* (slow) the CLI (convert / infer / parity) runs on such a checkpoint.
+  features and head outputs, the averaged logits, every stage's mask logits and the merged probabilities)
+  with the tolerance table (``flaxdet.parity.TOLERANCES``), and the detections are the same (count,
+  order, labels, boxes, scores, masks) -- mask preset by default, the bbox-only one under ``slow``;
+* (slow) training: flaxdet ``loss_and_grads`` equals reference/'s cascade loss + backward with
+  reference/'s samples of every stage injected (every ``s{k}.*`` term within ``train.loss``, every
+  parameter gradient within ``train.grad``);
+* (slow) a few SGD steps of flaxdet's jitted train step on the synthetic set lower the loss, frozen
+  stages stay put;
+* (slow) the CLI: ``presets`` lists both, ``convert`` + ``infer`` on a golden photo give reference/'s
+  detections, ``parity --against reference`` passes.
+
+Default-run cost: ~40-60 s on 2 cores (one XLA compile of the small cascade Mask R-CNN).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
+import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from flaxdet.config import dump_yaml, load_config
 from flaxdet.inference import Detector, make_batch, unpad
@@ -37,13 +50,18 @@ from flaxdet_converters.checkpoint_io import load_checkpoint, save_checkpoint
 from flaxdet_converters.convert import export_visdet_state_dict, load_visdet_state_dict
 from flaxdet_reference import build_detector as build_ref
 
+PRESETS = {True: "cascade_mask_rcnn_r50", False: "cascade_rcnn_r50"}
 SHAPES = ((150, 190), (128, 171))  # a batch of two sizes, neither a multiple of 32
 CLASSES = 3
+MASK = pytest.param(True, id="cascade_mask_rcnn")
+BBOX = pytest.param(False, id="cascade_rcnn")
+BBOX_SLOW = pytest.param(False, id="cascade_rcnn", marks=pytest.mark.slow)
 
 
 def small_cascade_cfg(mask=True, depth=18, base=8, classes=CLASSES, fc=32, mask_ch=8):
-    """The cascade preset shrunk: ResNet-18 base 8, FPN 16 channels, 3 classes, fc 32."""
-    cfg = load_config("cascade_mask_rcnn_r50" if mask else "cascade_rcnn_r50")
+    """The cascade preset shrunk like ``test_architectures.shrink`` (which takes one bbox/mask head; a
+    cascade has a tuple, one per stage): ResNet-18 base 8, FPN 16 channels, ``classes`` classes, fc 32."""
+    cfg = load_config(PRESETS[mask])
     exp = 1 if depth in (18, 34) else 4
     rh = cfg.roi_head
     rh = dataclasses.replace(
@@ -62,11 +80,12 @@ def small_cascade_cfg(mask=True, depth=18, base=8, classes=CLASSES, fc=32, mask_
 
 
 def cascade_weights(ref, seed, images, metas, spread=0.5):
-    """``conditioned_weights`` (test_random_configs) for a cascade: BN statistics near identity, He-normal
-    weights; then every stage's fc_cls bias is shifted so that each class logit has zero mean over the
-    RoIs of ``images`` (ReLU features have a large common mean, which otherwise hands every RoI the same
-    class) and scaled by ``spread`` (logit std ~0.5-1.5 per stage: varied labels, scores 0.3-0.8).
-    Returns the state_dict (numpy)."""
+    """The seeded init of ``test_architectures.conditioned`` / ``test_random_configs.conditioned_weights``
+    (BN statistics near identity, He-normal weights, RPN classifier x2) -- those helpers hard-code the
+    single head's ``roi_head.bbox_head.fc_cls`` -- then, per cascade stage, its fc_cls bias shifted so each
+    class logit has zero mean over the RoIs of ``images`` (ReLU features have a large common mean, which
+    otherwise hands every RoI the same class) and scaled by ``spread`` (varied labels, scores 0.3-0.8, all
+    three stages carrying signal). Returns the state_dict (numpy)."""
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for k, v in ref.state_dict().items():
@@ -81,15 +100,16 @@ def cascade_weights(ref, seed, images, metas, spread=0.5):
         else:
             sd[k] = torch.randn(v.shape, generator=g) * 0.1
     sd["rpn_head.rpn_cls.weight"] = sd["rpn_head.rpn_cls.weight"] * 2  # as conditioned_weights: no sigmoid ties
-    ref.load_state_dict(sd)
+    ref.load_state_dict(sd, strict=True)
     stages = {}
-    ref.predict(_tensors(images), metas, stages=stages)
+    with torch.no_grad():
+        ref.predict(_tensors(images), metas, stages=stages)
     for s in range(ref.roi_head.num_stages):
         cls = stages["bbox_head.cls_score" if s == 0 else f"cascade.bbox_head.{s}.cls_score"]
         p = f"roi_head.bbox_head.{s}.fc_cls."
         sd[p + "bias"] = (sd[p + "bias"] - cls.mean(0)) * spread
         sd[p + "weight"] = sd[p + "weight"] * spread
-    ref.load_state_dict(sd)
+    ref.load_state_dict(sd, strict=True)
     return {k: v.numpy() for k, v in sd.items()}
 
 
@@ -98,28 +118,48 @@ def _tensors(images):
 
 
 def _images(shapes=SHAPES, seed=0):
-    from parity_tests.test_train_reference import photo_crops
-
     from parity_tests.goldens import require_goldens
+    from parity_tests.test_train_reference import photo_crops
 
     require_goldens()
     return photo_crops(shapes, seed)
 
 
 @pytest.fixture(scope="module")
-def case(tmp_path_factory):
-    """The small cascade Mask R-CNN, its seeded weights and a visdet-layout runner checkpoint of them."""
-    d = tmp_path_factory.mktemp("cascade")
-    cfg = small_cascade_cfg()
-    images = _images()
-    metas = [dict(ori_shape=s, img_shape=s, scale_factor=(1.0, 1.0, 1.0, 1.0)) for s in SHAPES]
-    ref = build_ref(cfg)
-    sd = cascade_weights(ref, 0, images, metas)
-    ckpt = save_checkpoint(d / "cascade.pth", sd, classes=[f"c{i}" for i in range(CLASSES)])
-    (d / "cascade.yaml").write_text(dump_yaml(cfg))
-    return dict(cfg=cfg, ref=ref, sd=sd, ckpt=ckpt, config=d / "cascade.yaml", images=images, metas=metas, dir=d)
+def cases(tmp_path_factory):
+    """mask (bool) -> the small cascade model of that preset, its seeded weights and a visdet-layout runner
+    checkpoint of them (built once per module)."""
+    made = {}
+
+    def get(mask):
+        if mask not in made:
+            d = tmp_path_factory.mktemp(PRESETS[mask])
+            cfg = small_cascade_cfg(mask)
+            images = _images()
+            metas = [dict(ori_shape=s, img_shape=s, scale_factor=(1.0, 1.0, 1.0, 1.0)) for s in SHAPES]
+            ref = build_ref(cfg).eval()
+            sd = cascade_weights(ref, 0, images, metas)
+            ckpt = save_checkpoint(d / "cascade.pth", sd, classes=[f"c{i}" for i in range(CLASSES)])
+            (d / "cascade.yaml").write_text(dump_yaml(cfg))
+            made[mask] = dict(cfg=cfg, ref=ref, sd=sd, ckpt=ckpt, config=d / "cascade.yaml", images=images,
+                              metas=metas, dir=d)
+        return made[mask]
+
+    return get
 
 
+def _converted(case, abstract=True):
+    """flaxdet model built from the case's config, loaded strictly from its .pth by the production converter.
+    ``abstract``: built under ``nnx.eval_shape`` (no random init: ~40 one-off XLA compiles of the
+    initialisers, 15-30 s on 2 cores) -- strict conversion fills every variable, so nothing abstract is
+    left (an unfilled one would fail export and jit). The CLI and full-size tests build concretely."""
+    flax = nnx.eval_shape(lambda: build_flax(case["cfg"])) if abstract else build_flax(case["cfg"])
+    report = load_visdet_state_dict(flax, load_checkpoint(case["ckpt"]).state_dict, strict=True)
+    assert report.ok, report.summary()
+    return flax, report
+
+
+# ------------------------------------------------------------------------------------ presets, conversion
 def test_presets_build_visdets_module_tree():
     for name, keys, params in (("cascade_mask_rcnn_r50", 400, 77_324_606), ("cascade_rcnn_r50", 364, None)):
         cfg = load_config(name)
@@ -138,22 +178,43 @@ def test_presets_build_visdets_module_tree():
         assert ("roi_head.mask_head.2.conv_logits.weight" in sd) == (rh.mask_head is not None)
 
 
-def test_checkpoint_converts_strictly_and_round_trips(case):
-    ck = load_checkpoint(case["ckpt"])
-    flax = build_flax(case["cfg"])
-    report = load_visdet_state_dict(flax, ck.state_dict)
-    assert report.ok and len(report.converted) == len(case["sd"]), report.summary()
-    assert any(k.startswith("roi_head.bbox_head.2.") for k in report.converted)
-    back = export_visdet_state_dict(flax, list(ck.state_dict))
+@pytest.mark.slow  # two full-size (~70M parameter) models, a .pth each
+@pytest.mark.parametrize("preset", list(PRESETS.values()))
+def test_full_size_checkpoint_converts_and_round_trips(preset, tmp_path):
+    """As test_architectures (a): the preset's reference/ state_dict, written to a real .pth, converts
+    strictly into flaxdet and exports back bit-identically (keys, order, dtypes, values)."""
+    cfg = load_config(preset)
+    path = save_checkpoint(tmp_path / f"{preset}.pth", build_ref(cfg).state_dict())
+    sd = load_checkpoint(path).state_dict
+    flax = build_flax(cfg)
+    report = load_visdet_state_dict(flax, sd, strict=True)
+    assert report.ok and len(report.converted) == len(sd), report.summary()
+    back = export_visdet_state_dict(flax, key_order=list(sd))
+    assert list(back) == list(sd)
+    for k, v in sd.items():
+        v = np.asarray(v)
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape and np.array_equal(back[k], v), k
+
+
+@pytest.mark.parametrize("mask", [MASK, BBOX])
+def test_checkpoint_converts_strictly_and_round_trips(mask, cases):
+    case = cases(mask)
+    flax, report = _converted(case)
+    assert len(report.converted) == len(case["sd"]), report.summary()
+    for s in range(3):
+        assert any(k.startswith(f"roi_head.bbox_head.{s}.") for k in report.converted)
+        assert any(k.startswith(f"roi_head.mask_head.{s}.") for k in report.converted) == mask
+    back = export_visdet_state_dict(flax, list(load_checkpoint(case["ckpt"]).state_dict))
     assert list(back) == list(case["sd"])
     for k, v in case["sd"].items():
-        assert back[k].dtype == v.dtype and np.array_equal(back[k], v), k
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape and np.array_equal(back[k], v), k
 
 
+# ------------------------------------------------------------------------------------------ parity
 def _first_image(theirs):
     """reference/'s batch stages restricted to image 0 (flaxdet_stages keeps image 0 too)."""
     n_prop, n_det = len(theirs["proposals.bboxes"]), len(theirs["det.bboxes"])
-    out = {k: v[:1] for k, v in theirs.items() if k.startswith(("backbone", "neck", "rpn_head"))}
+    out = {k: v[:1] for k, v in theirs.items() if k.startswith(("preprocessed", "backbone", "neck", "rpn_head"))}
     for k, v in theirs.items():
         if k in ("bbox_roi_extractor", "bbox_head.cls_score", "bbox_head.bbox_pred") or \
                 k.startswith(("cascade.rois", "cascade.bbox_", "cascade.cls_score")):
@@ -165,17 +226,17 @@ def _first_image(theirs):
     return out
 
 
-def test_flaxdet_jit_matches_reference_stage_by_stage(case):
-    """~40-60 s: one XLA compile of the whole cascade Mask R-CNN."""
+@pytest.mark.parametrize("mask", [MASK, BBOX_SLOW])  # one XLA compile each (~20-40 s on 2 cores)
+def test_flaxdet_jit_matches_reference_stage_by_stage(mask, cases):
+    case = cases(mask)
     cfg, ref = case["cfg"], case["ref"]
     stages = {}
-    ref_res = ref.predict(_tensors(case["images"]), case["metas"], stages=stages)
+    with torch.no_grad():
+        ref_res = ref.predict(_tensors(case["images"]), case["metas"], stages=stages)
     theirs = _first_image(torch_stages(stages))
-    flax = build_flax(cfg)
-    assert load_visdet_state_dict(flax, load_checkpoint(case["ckpt"]).state_dict).ok
-    det = Detector(flax)
+    flax, _ = _converted(case)
     batch = make_batch(case["images"], case["metas"])
-    dets, fst = jax.device_get(det.predict_batch(batch, with_stages=True))
+    dets, fst = jax.device_get(Detector(flax).predict_batch(batch, with_stages=True))
     ours_all = unpad(dets, batch)
     ours = flaxdet_stages(fst, ours_all[0])
     bgeo, mgeo = geometry_of(cfg)
@@ -187,18 +248,221 @@ def test_flaxdet_jit_matches_reference_stage_by_stage(case):
     names = {r.stage for r in rows}
     for s in (1, 2):  # every later stage was compared
         assert {f"cascade.rois.{s}", f"cascade.bbox_roi_extractor.{s}", f"cascade.bbox_head.{s}.cls_score",
-                f"cascade.mask_head.{s}.mask_preds"} <= names
-    assert {"cascade.cls_score", "cascade.mask_probs", "det.masks"} <= names
+                f"cascade.bbox_head.{s}.bbox_pred"} <= names
+        assert (f"cascade.mask_head.{s}.mask_preds" in names) == mask
+    assert "cascade.cls_score" in names
+    assert ("cascade.mask_probs" in names) == mask and ("det.masks" in names) == mask
     # well-conditioned: the stages carry signal (refinement moves the RoIs, labels vary, no saturation)
     assert np.abs(theirs["cascade.rois.1"] - theirs["proposals.bboxes"]).mean() > 0.5
     assert np.abs(theirs["cascade.rois.2"] - theirs["cascade.rois.1"]).mean() > 0.5
     assert len(np.unique(theirs["det.labels"])) == CLASSES and theirs["det.scores"].max() < 0.95
     # detections identical on both images: same count, order (tie flips only between equal scores),
-    # labels, boxes, scores and masks
+    # labels, boxes, scores (and masks)
     for i, (o, t) in enumerate(zip(ours_all, ref_res)):
         t = {k: v.numpy() for k, v in t.items()}
-        assert len(t["scores"]) > 0
+        assert len(t["scores"]) > 5 and set(o) == set(t)
         rows = compare_detections(f"det[{i}]", o, t, box_atol=TOLERANCES["e2e.det.bboxes_px"].rtol,
                                   score_atol=TOLERANCES["e2e.det.scores"].rtol, mask_pixels=MASK_PIXELS_PER_IMAGE)
         print(format_table(rows))
         assert all(r.passed for r in rows), "\n" + format_table(rows)
+        np.testing.assert_array_equal(o["labels"], t["labels"])
+
+
+# ----------------------------------------------------------------------------------------- training
+TRAIN_SIZES = ((200, 250), (190, 243), (211, 262))  # batch 224x288; no side is a multiple of 32
+TRAIN_GTS = (3, 0, 12)  # an image without GT; a duplicated GT (IoU ties) in the others
+
+
+def reference_cascade_samples(st, num_stages):
+    """reference/'s draws (``reference_step`` stages) as an ``inject`` for reference/ itself."""
+    inject = {"rpn": [dict(pos_inds=r.pos_inds, neg_inds=r.neg_inds) for r in st["targets.sampling_results"]],
+              "rcnn": [[dict(pos_inds=r.pos_inds, neg_inds=r.neg_inds) for r in st[f"s{k}.rcnn.sampling_results"]]
+                       for k in range(num_stages)]}
+    inject["proposals"] = [p["bboxes"] for p in st["rpn_proposals"]]
+    return inject
+
+
+def flaxdet_cascade_injection(model, batch, st, num_gts):
+    """reference/'s draws of every stage in flaxdet's layouts. RPN and stage 0 as the Standard head's
+    (``train_golden.flaxdet_injection``, with stage 0's sampler); stage k > 0: reference/ indexes
+    ``[its GTs; stage k-1's sampled rows minus the positives that were GTs]``, flaxdet ``[G GT slots;
+    stage k-1's Spos + Sneg row slots]`` (the dropped and padded slots invalid), so index j >= k_gt maps
+    to the slot of the (j - k_gt)-th kept row."""
+    from flaxdet.training.cascade import StageView
+    from parity_tests.train_golden import _pad, flaxdet_injection
+
+    rh = model.roi_head
+    g_max = batch["gt_bboxes"].shape[1]
+    samples = {"rpn": [(s.pos_inds.numpy(), s.neg_inds.numpy()) for s in st["targets.sampling_results"]],
+               "rcnn": [(s.pos_inds.numpy(), s.neg_inds.numpy()) for s in st["s0.rcnn.sampling_results"]]}
+    stage0 = types.SimpleNamespace(rpn_head=model.rpn_head, cfg=model.cfg, roi_head=StageView(rh, 0))
+    inject = flaxdet_injection(stage0, batch, samples, num_gts, [p["bboxes"].numpy() for p in st["rpn_proposals"]])
+    rcnn = [inject["rcnn"]]
+    for k in range(1, rh.num_stages):
+        prev_cfg, cur_cfg = rh.cfg.train_cfg[k - 1].sampler, rh.cfg.train_cfg[k].sampler
+        prev_pos = int(prev_cfg.num * prev_cfg.pos_fraction)
+        caps = (int(cur_cfg.num * cur_cfg.pos_fraction), cur_cfg.num)
+        out = {}
+        for i, (prev, cur) in enumerate(zip(st[f"s{k - 1}.rcnn.sampling_results"], st[f"s{k}.rcnn.sampling_results"])):
+            pos_is_gt = prev.pos_is_gt.numpy().astype(bool)
+            kept = np.concatenate([np.nonzero(~pos_is_gt)[0], prev_pos + np.arange(len(prev.neg_inds))])
+            ng = num_gts[i]
+            for part, cap, idx in zip(("pos", "neg"), caps, (cur.pos_inds.numpy(), cur.neg_inds.numpy())):
+                idx = idx.astype(np.int64)
+                mapped = np.where(idx < ng, idx, g_max + kept[np.clip(idx - ng, 0, max(len(kept) - 1, 0))]) \
+                    if len(idx) else idx
+                ix, valid = _pad(mapped, cap)
+                out.setdefault(f"{part}_inds", []).append(ix)
+                out.setdefault(f"{part}_valid", []).append(valid)
+        rcnn.append({name: jnp.asarray(np.stack(v)) for name, v in out.items()})
+    inject["rcnn"] = rcnn
+    return inject
+
+
+@pytest.mark.slow  # one XLA compile of the cascade's loss + gradients (~1-2 min on 2 cores)
+@pytest.mark.parametrize("mask", [MASK, BBOX])
+def test_training_equals_reference(mask, cases):
+    """flaxdet ``loss_and_grads`` vs reference/ ``CascadeRCNN.loss`` + backward, on the same converted
+    weights, images and GTs, with reference/'s samples of the RPN and of every cascade stage (drawn from a
+    torch Generator) injected: every loss term (``s{k}.loss_cls/acc/loss_bbox[/loss_mask]``, RPN, total)
+    within ``train.loss`` and every parameter gradient within ``train.grad``."""
+    from flaxdet.training.step import loss_and_grads
+    from parity_tests.test_train_reference import (GRAD_TOL, LOSS_TOL, grad_errors, gradient_noise, make_case,
+                                                   photo_crops, reference_step, rel_loss_err)
+    from parity_tests.train_golden import flaxdet_batch
+
+    case = cases(mask)
+    ref = case["ref"]
+    images = photo_crops(TRAIN_SIZES)
+    gts = make_case(7, images, TRAIN_GTS, CLASSES)
+    try:
+        log_ref, grads_ref, st = reference_step(ref, images, gts, seed=11)
+        inj_ref = reference_cascade_samples(st, ref.roi_head.num_stages)
+        noise = gradient_noise(ref, images, gts, inj_ref)
+    finally:
+        ref.eval()
+    assert noise <= GRAD_TOL / 4, f"ill-conditioned case: float32 gradient noise {noise:.1e}"
+    # every stage sampled positives (GTs and refined proposals), so each stage's losses are exercised
+    for k in range(3):
+        res = st[f"s{k}.rcnn.sampling_results"]
+        assert sum(len(r.pos_inds) for r in res) > sum(int(r.pos_is_gt.sum()) for r in res) > 0, k
+    flax, _ = _converted(case)
+    hp, wp = st["metas"][0]["batch_input_shape"]
+    batch = flaxdet_batch(images, [im.shape[:2] for im in images], gts, 16, (hp, wp))
+    inject = flaxdet_cascade_injection(flax, batch, st, [len(g["labels"]) for g in gts])
+    logs, grads = loss_and_grads(flax, batch, jax.random.PRNGKey(0), inject)
+    assert set(logs) == set(log_ref), (sorted(logs), sorted(log_ref))
+    assert {f"s{k}.loss_mask" for k in range(3)} <= set(logs) if mask else "s0.loss_mask" not in logs
+    assert set(grads) == set(grads_ref), set(grads) ^ set(grads_ref)
+    loss_errs = {k: rel_loss_err(float(logs[k]), log_ref[k]) for k in log_ref}
+    grad_errs = grad_errors(grads, grads_ref)
+    worst = max(grad_errs, key=grad_errs.get)
+    print(f"\nreference losses { {k: round(v, 5) for k, v in log_ref.items()} }\n"
+          f"loss errors (relative) { {k: f'{e:.1e}' for k, e in loss_errs.items()} }\n"
+          f"max grad error {grad_errs[worst]:.2e} ({worst}) over {len(grad_errs)} parameters; noise {noise:.1e}")
+    assert max(loss_errs.values()) <= LOSS_TOL, loss_errs
+    assert grad_errs[worst] <= GRAD_TOL, {k: e for k, e in grad_errs.items() if e > GRAD_TOL}
+
+
+@pytest.mark.slow  # one XLA compile of the jitted train step (~1-2 min on 2 cores)
+@pytest.mark.parametrize("mask", [MASK, BBOX])
+def test_fine_tune_lowers_the_loss_and_keeps_frozen_params(mask, cases, tmp_path):
+    """As test_architectures (c): SGD steps of flaxdet's jitted train step on one synthetic batch (same
+    samples each step) lower the total loss and every stage's; frozen_stages parameters do not move."""
+    from flaxdet.data.coco import CocoDataset, TrainLoader
+    from flaxdet.data.synthetic import make_synthetic_coco
+    from flaxdet.training.loop import make_optimizer
+    from flaxdet.training.step import TrainState
+
+    flax, _ = _converted(cases(mask))
+    ann = make_synthetic_coco(tmp_path / "data", num_images=4, seed=5, min_size=(96, 128), max_size=(128, 160))
+    loader = TrainLoader(CocoDataset(ann), 2, (160, 128), max_gt=8, seed=0, flip_prob=0.0, with_masks=mask)
+    batch, _ = loader.make_batch(0)
+    tx, _ = make_optimizer("sgd", lr=0.01, weight_decay=1e-4, warmup_iters=1)
+    state = TrainState(flax, tx)
+    before = jax.tree_util.tree_map(np.asarray, state.params)
+    key = jax.random.PRNGKey(0)
+    logs = [jax.device_get(state.train_step(batch, key)) for _ in range(6)]
+    losses = [float(m["loss"]) for m in logs]
+    print("\nlosses", [round(v, 4) for v in losses])
+    assert all(np.isfinite(losses)), losses
+    assert losses[-1] < 0.9 * losses[0], losses
+    for k in range(3):
+        assert f"s{k}.loss_cls" in logs[0] and (f"s{k}.loss_mask" in logs[0]) == mask
+        stage = [sum(float(m[n]) for n in m if n.startswith(f"s{k}.loss")) for m in logs]
+        assert stage[-1] < stage[0], (k, stage)
+    after = jax.tree_util.tree_map(np.asarray, state.params)
+    moved = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b), before, after)
+    frozen = state.model().backbone.frozen_prefixes()
+    assert frozen, "the cascade presets freeze the stem (frozen_stages: 1)"
+    flat = {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): m
+            for path, m in jax.tree_util.tree_flatten_with_path(moved)[0]}
+    for name, m in flat.items():
+        if name.startswith("backbone.") and any((name[9:] + ".").startswith(p + ".") for p in frozen):
+            assert not m, f"{name} is frozen by the preset but moved"
+    for k in range(3):  # every stage's heads trained
+        assert any(m for n, m in flat.items() if n.startswith(f"roi_head.bbox_head.{k}.")), k
+        assert any(m for n, m in flat.items() if n.startswith(f"roi_head.mask_head.{k}.")) == mask, k
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "flaxdet.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_cli_presets_lists_the_cascades():
+    r = _cli("presets")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = {line.split()[0]: line for line in r.stdout.splitlines() if line.strip()}
+    for name in PRESETS.values():
+        assert "CascadeRCNN" in lines[name] and "ResNet-50" in lines[name] and "80 classes" in lines[name]
+
+
+@pytest.mark.slow  # three CLI processes, each compiling the small cascade (~1-2 min each on 2 cores)
+@pytest.mark.parametrize("mask", [MASK, BBOX])
+def test_cli_convert_infer_parity(mask, cases, tmp_path):
+    """``flaxdet convert`` (strict) of the small cascade checkpoint, ``flaxdet infer`` on the golden
+    'color' photo (288x512, its own scale) gives reference/'s detections (count, labels, boxes within
+    ``e2e.det.bboxes_px``, scores within ``e2e.det.scores``, masks within the pixel budget), and ``flaxdet
+    parity --against reference`` passes on it."""
+    import cv2
+
+    from flaxdet.data.transforms import prepare_test_image
+    from parity_tests.goldens import GOLDENS, require_goldens
+
+    require_goldens()
+    case = cases(mask)
+    with np.load(GOLDENS / "mask_rcnn_tiny_r18" / "color.npz") as z:
+        photo = z["input_bgr_uint8"]
+    img = tmp_path / "color.png"
+    cv2.imwrite(str(img), photo)
+    model_dir = tmp_path / "model"
+    r = _cli("convert", case["ckpt"], "--config", case["config"], "--out", model_dir)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = _cli("infer", "--checkpoint", model_dir, "--images", img, "--out", tmp_path / "infer", "--scale", 512, 288,
+             "--no-progress")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "infer" / "results.json").read_text())
+    im, meta = prepare_test_image(str(img), (512, 288))
+    with torch.no_grad():
+        want = {k: v.numpy() for k, v in case["ref"].predict(_tensors([im]), [meta])[0].items()}
+    assert len(want["scores"]) > 5 and len(res) == len(want["scores"])
+    got = dict(bboxes=np.array([d["bbox"] for d in res], np.float32).reshape(-1, 4),
+               scores=np.array([d["score"] for d in res], np.float32),
+               labels=np.array([d["category_id"] for d in res], np.int64))
+    got["bboxes"][:, 2:] += got["bboxes"][:, :2]  # xywh -> xyxy
+    if mask:
+        from pycocotools import mask as mask_utils
+
+        got["masks"] = np.stack([mask_utils.decode(d["segmentation"]).astype(bool) for d in res])
+    rows = compare_detections("cli", got, want, box_atol=TOLERANCES["e2e.det.bboxes_px"].rtol,
+                              score_atol=TOLERANCES["e2e.det.scores"].rtol, mask_pixels=MASK_PIXELS_PER_IMAGE)
+    assert all(r.passed for r in rows), "\n" + format_table(rows)
+    assert (tmp_path / "infer" / "overlays" / "color.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = _cli("parity", "--config", case["config"], "--checkpoint", case["ckpt"], "--image", img,
+             "--out", tmp_path / "parity", "--scale", 512, 288)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads((tmp_path / "parity" / "parity.json").read_text())
+    assert report["passed"] is True
+    assert {f"cascade.rois.{s}" for s in (1, 2)} <= {row["stage"] for row in report["stages"]}
