@@ -78,9 +78,19 @@ def loss_and_grads(model, batch, key, inject=None, with_stages=False):
 
 
 class TrainState:
-    """params + optimizer state + rest, with a jit-compiled, buffer-donating step."""
+    """params + optimizer state + rest, with a jit-compiled, buffer-donating step.
 
-    def __init__(self, model, tx, step=0):
+    ``dtype``: compute dtype of the convolutions and matmuls ("bfloat16": mixed precision; "float32";
+    None keeps the model's, see :func:`flaxdet.nn.set_compute_dtype`, set in place on ``model``). The
+    parameters, their gradients and the optimizer state stay float32 whatever the compute dtype: the
+    layers cast their float32 weights to the compute dtype inside the step, so the gradient of that
+    cast returns float32 gradients (bf16 products, float32 accumulation)."""
+
+    def __init__(self, model, tx, step=0, dtype=None):
+        if dtype is not None:
+            from flaxdet.nn import set_compute_dtype
+
+            set_compute_dtype(model, dtype)
         self.graphdef, self.params, self.rest = split(model)
         self.frozen = frozen_filter(model)
         self.tx = tx

@@ -1,0 +1,182 @@
+"""Training-step benchmark: reference PyTorch eager (visdet's training loss path) vs flaxdet's jitted train step.
+
+    .venv/bin/python benchmarks/bench_train.py [--preset mask_rcnn_r50] [--size 800x1333] [--batch 2]
+        [--dtypes float32 bfloat16] [--repeats 3] [--out F]
+
+One SGD step (visdet's 1x schedule optimizer: momentum 0.9, weight decay 1e-4, lr 0.02) on a batch of
+``--batch`` synthetic images of ``--size`` with 5 GT boxes/labels/masks each, same seeded weights (saved
+by reference/ as a visdet checkpoint, loaded on each side; flaxdet: by the production converter) and
+the same images and GT on both sides.
+
+- PyTorch: ``TwoStageDetector.loss`` (MaxIoUAssigner, RandomSampler on a torch Generator, every loss)
+  + ``parse_losses`` + ``backward`` + ``torch.optim.SGD.step`` on the trainable parameters
+  (``frozen_stages`` and frozen BN excluded, as visdet).
+- flaxdet: ``TrainState.train_step`` (one jit: forward, loss, grad, optax SGD update, frozen mask,
+  params and optimizer state donated), synchronised with ``block_until_ready``. Its one-time
+  ``trace_s`` + ``compile_s`` are measured ahead-of-time; the timed steps hit the jit cache.
+  ``--dtypes bfloat16`` runs the mixed-precision policy (bf16 convolutions/matmuls, float32 params,
+  gradients and optimizer state).
+
+The samplers draw different (equally distributed) RoIs on the two sides; the work per step is the same.
+Reported: median / min step time after one warm-up step, peak RSS, the losses of the first step, and
+the ratio pytorch / flaxdet (> 1: flaxdet faster). Runs unchanged on a GPU (torch: cuda when available).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import common
+
+NUM_GT = 5
+SGD = dict(lr=0.02, momentum=0.9, weight_decay=1e-4)
+
+
+def inputs(h, w, n, num_classes):
+    imgs = [common.synthetic_image(h, w, seed=10 + i) for i in range(n)]
+    gts = [common.synthetic_gt(h, w, NUM_GT, num_classes, seed=20 + i) for i in range(n)]
+    return imgs, gts
+
+
+def worker(spec):
+    import numpy as np
+
+    from flaxdet.config import final_bbox_head, load_config
+
+    cfg = load_config(spec["preset"])
+    h, w = (int(v) for v in spec["size"].split("x"))
+    imgs, gts = inputs(h, w, spec["batch"], final_bbox_head(cfg.roi_head).num_classes)
+    out = dict(spec)
+    if spec["side"] == "pytorch":
+        import torch
+
+        from flaxdet_converters.checkpoint_io import load_checkpoint
+        from flaxdet_reference import build_detector
+        from flaxdet_reference.models import load_state_dict_strict
+        from flaxdet_reference.models.detectors.two_stage import parse_losses
+
+        dev = common.torch_setup()
+        m = build_detector(cfg)
+        load_state_dict_strict(m, load_checkpoint(spec["ckpt"]).state_dict)
+        m.to(dev)
+        params = [p for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, **SGD)
+        xs = [torch.from_numpy(im).permute(2, 0, 1).contiguous().to(dev) for im in imgs]
+        metas = [dict(img_shape=(h, w)) for _ in imgs]
+        gen = torch.Generator().manual_seed(0)
+
+        def step():
+            opt.zero_grad()
+            total, log = parse_losses(m.loss(xs, metas, gts, generator=gen))
+            total.backward()
+            opt.step()
+            return {k: float(v.detach()) for k, v in log.items()}
+
+        def sync(r):
+            common.torch_sync()
+            return r
+
+        out.update(device=str(dev), dtype="float32", trainable_params=len(params))
+        first_logs = None
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        from flaxdet.models.detectors.two_stage import build_detector
+        from flaxdet.training.forward import own_pad_shape, pad_ground_truth
+        from flaxdet.training.loop import make_optimizer
+        from flaxdet.training.step import TrainState
+        from flaxdet_converters.checkpoint_io import load_checkpoint
+        from flaxdet_converters.convert import load_visdet_state_dict
+
+        model = build_detector(cfg)
+        load_visdet_state_dict(model, load_checkpoint(spec["ckpt"]).state_dict)
+        tx, _ = make_optimizer("sgd", SGD["lr"], SGD["weight_decay"], steps_per_epoch=1000, warmup_iters=0,
+                               momentum=SGD["momentum"])
+        state = TrainState(model, tx, dtype=spec["dtype"])
+        hp, wp = own_pad_shape((h, w), cfg.data_preprocessor.pad_size_divisor)
+        images = np.zeros((len(imgs), hp, wp, 3), np.uint8)
+        for i, im in enumerate(imgs):
+            images[i, :h, :w] = im
+        batch = dict(images=images, img_shapes=np.array([(h, w)] * len(imgs), np.int32),
+                     pad_shapes=np.array([(hp, wp)] * len(imgs), np.int32))
+        batch.update(pad_ground_truth(gts, max(8, NUM_GT), hp, wp))
+        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        key = jax.random.PRNGKey(0)
+        t = time.perf_counter()
+        lowered = TrainState._step.lower(state, state.params, state.opt_state, state.rest, batch, key)
+        t1 = time.perf_counter()
+        lowered.compile()  # fills the jit cache: train_step below does not compile again
+        out.update(trace_s=t1 - t, compile_s=time.perf_counter() - t1, device=str(jax.devices()[0]))
+        counter = iter(range(10**9))
+
+        def step():
+            return state.train_step(batch, jax.random.fold_in(key, next(counter)))
+
+        def sync(logs):
+            jax.block_until_ready(state.params)
+            return {k: float(v) for k, v in jax.device_get(logs).items()}
+
+    first, times, logs = common.timed(step, spec["repeats"], sync)
+    if spec["side"] == "flaxdet":
+        dtypes = sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(state.params)})
+        out.update(param_dtypes=dtypes, opt_state_dtypes=sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(
+            state.opt_state) if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)}))
+    out.update(common.summarize(times), first_call_s=first, peak_rss_mb=common.peak_rss_mb(),
+               device_peak_mb=common.device_peak_mb(spec["side"]), last_logs=logs,
+               finite=bool(all(np.isfinite(v) for v in logs.values())))
+    out.pop("ckpt")
+    common.emit(out)
+
+
+def columns(dtypes):
+    cols = [("preset", "preset", ""), ("size", "size", ""), ("batch", "batch", "d"),
+            ("pytorch s", lambda r: r["pytorch"]["median_s"], ".2f")]
+    for dt in dtypes:
+        cols += [(f"flaxdet {dt} s", lambda r, dt=dt: r["flaxdet"][dt]["median_s"], ".2f"),
+                 (f"ratio {dt}", lambda r, dt=dt: r["ratio"][dt], ".2f")]
+    cols += [(f"compile {dt} s", lambda r, dt=dt: r["flaxdet"][dt]["trace_s"] + r["flaxdet"][dt]["compile_s"], ".1f")
+             for dt in dtypes]
+    cols += [("RSS pt/fd MB", lambda r: f"{r['pytorch']['peak_rss_mb']:.0f}/"
+              + "/".join(f"{r['flaxdet'][dt]['peak_rss_mb']:.0f}" for dt in r["dtypes"]), "")]
+    return cols
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="mask_rcnn_r50")
+    p.add_argument("--size", default="800x1333", help="HxW of the network input")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=3, help="timed steps after the warm-up step (median reported)")
+    p.add_argument("--out", help="JSON path (default benchmarks/results/train.json)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        return worker(json.loads(a.worker))
+
+    tmp = Path(tempfile.mkdtemp(prefix="flaxdet_bench_"))
+    ckpt = str(common.write_checkpoint(tmp / f"{a.preset}.pth", common.seeded_state_dict(a.preset)))
+    machine = common.machine()
+    base = dict(ckpt=ckpt, preset=a.preset, size=a.size, batch=a.batch, repeats=a.repeats)
+    pt = common.run_worker(__file__, dict(base, side="pytorch"))
+    print(json.dumps(pt), flush=True)
+    fd = {}
+    for dt in a.dtypes:
+        fd[dt] = common.run_worker(__file__, dict(base, side="flaxdet", dtype=dt))
+        print(json.dumps(fd[dt]), flush=True)
+    rows = [dict(preset=a.preset, size=a.size, batch=a.batch, dtypes=a.dtypes, pytorch=pt, flaxdet=fd,
+                 ratio={dt: pt["median_s"] / fd[dt]["median_s"] for dt in fd})]
+    out = common.save("train.json", dict(benchmark="train", machine=machine, preset=a.preset, optimizer=dict(SGD, name="sgd"),
+                                         gt_per_image=NUM_GT, repeats=a.repeats, results=rows), a.out)
+    print()
+    print(common.table(rows, columns(a.dtypes)))
+    print("step time (median); ratio = pytorch / flaxdet (> 1: flaxdet faster); compile = trace + XLA compile")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
