@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | cksum | cut -d
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_WORKERS ?= 2
 
-.PHONY: install demo test test-slow test-all bench clean
+.PHONY: install demo test test-slow test-all bench bench-quick clean
 
 $(STAMP):
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.10-3.12)"; exit 1; }
@@ -36,5 +36,10 @@ test-all: $(STAMP)
 clean:
 	rm -rf $(VENV) out build *.egg-info
 
+# Every benchmark (convert, inference R50 + Swin-S, training step), then benchmarks/results/SUMMARY.md.
+# About an hour on a 2-core CPU: run it on an otherwise idle machine. bench-quick: smoke run (small inputs).
 bench: $(STAMP)
-	$(PY) benchmarks/bench_infer.py
+	$(PY) benchmarks/run_all.py
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/run_all.py --quick

@@ -1,0 +1,178 @@
+"""Run every benchmark and rewrite benchmarks/results/SUMMARY.md (what `make bench` does).
+
+    .venv/bin/python benchmarks/run_all.py                  # full suite (~1 h on a 2-core CPU; run it idle)
+    .venv/bin/python benchmarks/run_all.py --quick          # smoke run: small inputs, 1 repeat -> results/quick/
+    .venv/bin/python benchmarks/run_all.py --only infer train --repeats 5
+    .venv/bin/python benchmarks/run_all.py --summary-only   # rebuild SUMMARY.md from the JSON files
+
+Benchmarks: ``convert`` (bench_convert.py), ``infer`` (bench_infer.py: Mask R-CNN R50-FPN, 800x1333 and
+480x640, batch 1 and 4, no-dets / max-dets, flaxdet float32 and bf16), ``swin`` (bench_infer.py --preset
+mask_rcnn_swin_s at 800x1333, batch 1), ``train`` (bench_train.py: one SGD step at batch 2, 800x1333).
+Each prints its table and writes its JSON beside SUMMARY.md. The device is whatever torch and JAX pick
+(a GPU when there is one); the summary records the machine and its load average when each run started.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import common
+
+HERE = Path(__file__).resolve().parent
+BUDGETS = dict(infer_ratio=1.5, train_ratio=1.2, compile_s=60.0, convert_s=3.0)  # issue 5, CPU, R50-FPN
+
+
+def plan(quick, repeats):
+    r = ["--repeats", str(repeats)]
+    if quick:
+        return {"convert": ["bench_convert.py", *r],
+                "infer": ["bench_infer.py", "--sizes", "256x320", "--batches", "1", "2", *r],
+                "swin": ["bench_infer.py", "--preset", "mask_rcnn_swin_s", "--sizes", "256x320", "--batches", "1",
+                         "--scenarios", "max-dets", "--dtypes", "float32", *r],
+                "train": ["bench_train.py", "--size", "256x320", *r]}
+    return {"convert": ["bench_convert.py", *r],
+            "infer": ["bench_infer.py", *r],
+            "swin": ["bench_infer.py", "--preset", "mask_rcnn_swin_s", "--sizes", "800x1333", "--batches", "1",
+                     "--dtypes", "float32", "bfloat16", *r],
+            "train": ["bench_train.py", *r]}
+
+
+FILES = {"convert": "convert.json", "infer": "infer.json", "swin": "infer_mask_rcnn_swin_s.json", "train": "train.json"}
+
+
+def _load(d, name):
+    p = d / FILES[name]
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _f(v, fmt=".2f"):
+    return "-" if v is None else format(v, fmt)
+
+
+def summary(d):
+    """SUMMARY.md from the JSON files in ``d``."""
+    data = {k: _load(d, k) for k in FILES}
+    have = {k: v for k, v in data.items() if v}
+    if not have:
+        return "# Benchmarks\n\nNo results yet: run `make bench`.\n"
+    m = next(iter(have.values()))["machine"]
+    lines = ["# flaxdet benchmarks", "",
+             "Written by `benchmarks/run_all.py` (`make bench`) from the JSON files beside this file. ratio = "
+             "PyTorch / flaxdet median time (> 1: flaxdet faster). PyTorch = reference/ eager (visdet's numerics, "
+             "float32); flaxdet = `jax.jit`, float32 or bf16 compute (convolutions/matmuls in bf16 with float32 "
+             "accumulation, params float32). Same seeded weights and inputs on both sides, each side in its own "
+             "process.", "", "## Machine", "",
+             f"- CPU: {m['cpu']} ({m['cores']} cores, {m['usable_cores']} usable; {', '.join(m['cpu_flags']) or 'no AVX flags read'}),"
+             f" {m['mem_gb']} GB RAM; {m['platform']}",
+             f"- python {m['python']}, torch {m['torch']} (device: {m['torch_device']}), jax {m['jax']} "
+             f"(backend: {m['jax_backend']}, {', '.join(m['jax_devices'])}), flax {m.get('flax', '?')}",
+             "- load average when each benchmark started (1/5/15 min): " + "; ".join(
+                 f"{k} {'/'.join(f'{x:.1f}' for x in v['machine']['loadavg_at_start'])}" for k, v in have.items()
+                 if v["machine"].get("loadavg_at_start")), ""]
+    budget = []
+    if data["infer"]:
+        rows = data["infer"]["results"]
+        dts = rows[0]["dtypes"]
+        lines += ["## Inference (Mask R-CNN R50-FPN)", "",
+                  f"Latency per batch, median of {data['infer']['repeats']} after a warm-up; compile = trace + XLA "
+                  "compile of the shape bucket (once per padded shape and batch size).", ""]
+        lines.append(common.md_table(rows, _infer_cols(dts)))
+        lines.append("")
+        big = [r for r in rows if r["size"] == "800x1333" and r["batch"] == 1]
+        for r in big:
+            budget.append(f"inference 800x1333 {r['scenario']} (float32): {r['ratio']['float32']:.2f}x "
+                          f"(target >= {BUDGETS['infer_ratio']}x): {'met' if r['ratio']['float32'] >= BUDGETS['infer_ratio'] else 'NOT met'}")
+        comp = [r["flaxdet"][dt]["trace_s"] + r["flaxdet"][dt]["compile_s"] for r in rows for dt in dts]
+        budget.append(f"compile per inference bucket: max {max(comp):.0f} s (target < {BUDGETS['compile_s']:.0f} s): "
+                      f"{'met' if max(comp) < BUDGETS['compile_s'] else 'NOT met'}")
+    if data["swin"]:
+        rows = data["swin"]["results"]
+        lines += ["## Inference (Mask R-CNN Swin-S, visdet's flagship)", ""]
+        lines.append(common.md_table(rows, _infer_cols(rows[0]["dtypes"])))
+        lines.append("")
+    if data["train"]:
+        rows = data["train"]["results"]
+        dts = rows[0]["dtypes"]
+        lines += ["## Training step (Mask R-CNN R50-FPN, SGD)", "",
+                  f"One step (forward, losses, backward, SGD update) at batch {rows[0]['batch']}, "
+                  f"{data['train']['gt_per_image']} GT per image; median of {data['train']['repeats']} after a warm-up step.", ""]
+        cols = [("size", "size", ""), ("batch", "batch", "d"), ("PyTorch s", lambda r: r["pytorch"]["median_s"], ".2f")]
+        for dt in dts:
+            cols += [(f"flaxdet {dt} s", lambda r, dt=dt: r["flaxdet"][dt]["median_s"], ".2f"),
+                     (f"ratio {dt}", lambda r, dt=dt: r["ratio"][dt], ".2f"),
+                     (f"compile {dt} s", lambda r, dt=dt: r["flaxdet"][dt]["trace_s"] + r["flaxdet"][dt]["compile_s"], ".0f")]
+        cols += [("peak RSS MB (PyTorch / flaxdet)", lambda r: f"{r['pytorch']['peak_rss_mb']:.0f} / "
+                  + " / ".join(f"{r['flaxdet'][dt]['peak_rss_mb']:.0f}" for dt in r["dtypes"]), "")]
+        lines += [common.md_table(rows, cols), ""]
+        r = rows[0]
+        budget.append(f"training step {r['size']} batch {r['batch']} (float32): {r['ratio']['float32']:.2f}x "
+                      f"(target >= {BUDGETS['train_ratio']}x): {'met' if r['ratio']['float32'] >= BUDGETS['train_ratio'] else 'NOT met'}")
+        comp = max(r["flaxdet"][dt]["trace_s"] + r["flaxdet"][dt]["compile_s"] for dt in dts)
+        budget.append(f"compile of the train step: max {comp:.0f} s (target < {BUDGETS['compile_s']:.0f} s): "
+                      f"{'met' if comp < BUDGETS['compile_s'] else 'NOT met'}")
+    if data["convert"]:
+        r = data["convert"]["results"][0]
+        fd = r["flaxdet"]
+        lines += ["## Conversion (R50 .pth -> flaxdet model directory)", "",
+                  f"Checkpoint {r['checkpoint_mb']:.0f} MB, {r['params_m']:.1f}M values, runner-style. Median of "
+                  f"{data['convert']['repeats']} after a warm-up, in one process after the imports.", "",
+                  "| step | seconds |", "|---|---|",
+                  f"| flaxdet convert (`flaxdet.tools.convert_checkpoint`, orbax) | {fd['median_s']:.2f} |",
+                  "| ... of which: " + ", ".join(f"{k[:-2].replace('_', ' ')} {v:.2f}" for k, v in fd["parts"].items()) + " | |",
+                  f"| flaxdet convert to .safetensors | {fd['safetensors']['median_s']:.2f} |",
+                  f"| `flaxdet convert` CLI, fresh interpreter (imports included) | {r['cli_cold_s']:.1f} |",
+                  f"| flaxdet load_model_dir (each infer/train/eval start) | {fd['load_model_dir']['median_s']:.2f} |",
+                  f"| PyTorch: build + torch.load + load_state_dict | {r['pytorch']['median_s']:.2f} |",
+                  f"| ratio PyTorch load / flaxdet convert | {r['ratio']:.2f} |",
+                  f"| peak RSS PyTorch / flaxdet (MB) | {r['pytorch']['peak_rss_mb']:.0f} / {fd['peak_rss_mb']:.0f} |", ""]
+        budget.append(f"conversion: {fd['median_s']:.2f} s (target < {BUDGETS['convert_s']:.0f} s): "
+                      f"{'met' if fd['median_s'] < BUDGETS['convert_s'] else 'NOT met'}")
+    if budget:
+        lines += ["## Budgets (issue 5; CPU targets)", ""] + [f"- {b}" for b in budget] + [""]
+    return "\n".join(lines)
+
+
+def _infer_cols(dts):
+    cols = [("scenario", "scenario", ""), ("input", "size", ""), ("batch", "batch", "d"),
+            ("dets/img", lambda r: r["pytorch"]["detections"][0], "d"),
+            ("PyTorch s", lambda r: r["pytorch"]["median_s"], ".2f")]
+    for dt in dts:
+        cols += [(f"flaxdet {dt} s", lambda r, dt=dt: r["flaxdet"][dt]["median_s"], ".2f"),
+                 (f"ratio {dt}", lambda r, dt=dt: r["ratio"][dt], ".2f")]
+    cols += [(f"compile {dt} s", lambda r, dt=dt: r["flaxdet"][dt]["trace_s"] + r["flaxdet"][dt]["compile_s"], ".0f")
+             for dt in dts]
+    cols += [("peak RSS MB (PyTorch / flaxdet)", lambda r: f"{r['pytorch']['peak_rss_mb']:.0f} / "
+              + " / ".join(f"{r['flaxdet'][dt]['peak_rss_mb']:.0f}" for dt in r["dtypes"]), "")]
+    return cols
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", choices=list(FILES), help="run these benchmarks only (default all)")
+    p.add_argument("--quick", action="store_true", help="smoke run (small inputs, 1 repeat) into results/quick/")
+    p.add_argument("--repeats", type=int, help="timed repeats per measurement (default 3; quick: 1)")
+    p.add_argument("--summary-only", action="store_true", help="only rebuild SUMMARY.md from the JSON files")
+    a = p.parse_args(argv)
+    out_dir = common.RESULTS / "quick" if a.quick else common.RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not a.summary_only:
+        steps = plan(a.quick, a.repeats or (1 if a.quick else 3))
+        for name in a.only or list(steps):
+            cmd = [sys.executable, str(HERE / steps[name][0]), *steps[name][1:], "--out", str(out_dir / FILES[name])]
+            print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+            t = time.perf_counter()
+            r = subprocess.run(cmd, cwd=common.REPO)
+            if r.returncode:
+                raise SystemExit(f"{name} failed (exit {r.returncode})")
+            print(f"== {name}: {time.perf_counter() - t:.0f} s\n", flush=True)
+    md = out_dir / "SUMMARY.md"
+    md.write_text(summary(out_dir))
+    print(f"wrote {md}")
+
+
+if __name__ == "__main__":
+    main()
