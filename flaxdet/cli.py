@@ -21,6 +21,11 @@ written by visdet's runner carries its config (meta.cfg), so --config may be omi
 """
 
 
+DTYPES = ("float32", "bfloat16")
+DTYPE_HELP = ("compute dtype: float32 (default, visdet's numerics) or bfloat16 (mixed precision: convolutions and "
+              "matmuls in bf16 with float32 accumulation; BN, softmax, box decoding, NMS, RoIAlign in float32).")
+
+
 def _scale(values):
     if len(values) != 2:
         raise argparse.ArgumentTypeError("--scale takes two integers: LONG SHORT (e.g. 1333 800)")
@@ -90,6 +95,7 @@ def build_parser():
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--bucket", choices=("exact", "coarse"), default="exact",
                    help="exact: pad like visdet (multiple of 32); coarse: multiple of 128, fewer recompiles")
+    s.add_argument("--dtype", choices=DTYPES, default="float32", help=DTYPE_HELP)
     s.set_defaults(func=cmd_infer)
 
     s = sub.add_parser("train", help="fine-tune a flaxdet model on COCO-format data",
@@ -118,6 +124,8 @@ def build_parser():
     s.add_argument("--max-gt", type=int, default=100, help="GT boxes per image (static capacity)")
     s.add_argument("--devices", type=int, help="number of local devices to use (default all)")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help=DTYPE_HELP + " Parameters, gradients and optimizer state stay float32.")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="COCO bbox/segm mAP on a COCO-format set",
@@ -176,7 +184,7 @@ def cmd_infer(args):
     from flaxdet.tools import run_infer
 
     run_infer(args.checkpoint, args.images, args.out, args.config, _scale(args.scale), args.score_thr,
-              args.batch_size, progress=not args.no_progress, bucket=args.bucket)
+              args.batch_size, progress=not args.no_progress, bucket=args.bucket, dtype=args.dtype)
     return 0
 
 
@@ -186,7 +194,7 @@ def cmd_train(args):
     _, hist = train(args.checkpoint, args.ann, args.out, args.images, args.steps, args.batch_size, _scale(args.scale),
                     args.optimizer, args.lr, args.weight_decay, args.warmup_iters, ckpt_every=args.ckpt_every,
                     keep=args.keep, seed=args.seed, max_gt=args.max_gt, num_devices=args.devices,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, dtype=args.dtype)
     if hist:
         print("last step: " + ", ".join(f"{k}={v:.4g}" for k, v in hist[-1].items()))
     print(f"model: {args.out}/model  metrics: {args.out}/metrics.jsonl")

@@ -179,8 +179,9 @@ def _visdet_stages(cfg, checkpoint, img, meta):
 
 
 def run_infer(checkpoint, images, out_dir, config=None, scale=(1333, 800), score_thr=0.3, batch_size=1,
-              progress=True, log=print, bucket="exact"):
-    """Detect on image files; write COCO-format results JSON (+ RLE masks) and overlay PNGs."""
+              progress=True, log=print, bucket="exact", dtype=None):
+    """Detect on image files; write COCO-format results JSON (+ RLE masks) and overlay PNGs.
+    ``dtype``: compute dtype ("bfloat16": mixed precision; see flaxdet.nn.set_compute_dtype)."""
     import cv2
     from pycocotools import mask as mask_utils
     from tqdm import tqdm
@@ -190,7 +191,7 @@ def run_infer(checkpoint, images, out_dir, config=None, scale=(1333, 800), score
     from flaxdet.visualize import draw_detections
 
     model, classes = load_any_model(checkpoint, config)
-    det = Detector(model, classes)
+    det = Detector(model, classes, dtype=dtype)
     out = Path(out_dir)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     paths = [Path(p) for p in images]

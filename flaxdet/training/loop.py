@@ -114,9 +114,11 @@ def shard_batch(batch, data_sharding):
 
 def train(model_dir, ann_file, out_dir, img_dir=None, steps=100, batch_size=2, scale=(1333, 800),
           optimizer="sgd", lr=None, weight_decay=None, warmup_iters=500, milestones=(8, 11), ckpt_every=50,
-          keep=3, seed=0, max_gt=100, num_devices=None, progress=True, plot=True, log=print, stop_after=None):
+          keep=3, seed=0, max_gt=100, num_devices=None, progress=True, plot=True, log=print, stop_after=None,
+          dtype=None):
     """Fine-tune; returns (final model, list of metric dicts). ``stop_after`` ends the process's work
-    early (as a kill would) without touching checkpoints -- for tests."""
+    early (as a kill would) without touching checkpoints -- for tests. ``dtype``: compute dtype of the
+    step ("bfloat16": mixed precision, params and optimizer state float32; see TrainState)."""
     import orbax.checkpoint as ocp
     from tqdm import tqdm
 
@@ -132,7 +134,7 @@ def train(model_dir, ann_file, out_dir, img_dir=None, steps=100, batch_size=2, s
     with_masks = model.roi_head.with_mask
     loader = TrainLoader(ds, batch_size, scale, max_gt, seed, with_masks=with_masks)
     tx, sched = make_optimizer(optimizer, lr, weight_decay, loader.steps_per_epoch, warmup_iters, milestones)
-    state = TrainState(model, tx)
+    state = TrainState(model, tx, dtype=dtype)
     mesh, data_sh, repl_sh = _mesh_and_shardings(num_devices)
     if batch_size % mesh.size:
         raise ValueError(f"batch size {batch_size} is not divisible by the {mesh.size} devices")
