@@ -13,8 +13,8 @@ For each architecture:
 (c) fine-tuning: a few SGD steps of flaxdet's jitted train step on the synthetic set lower the loss, and
     parameters the preset freezes (frozen_stages, caffe's ``norm_cfg.requires_grad: false``) do not move.
 
-Depth 101 compiles two deep graphs; those cases are ``slow`` (``make test-slow``); the depth-50
-architectures run by default.
+The default run keeps Faster R-CNN R50's parity (the no-mask chain); every other case compiles a graph
+of its own for a minute or more on two cores and is ``slow`` (``make test-slow``).
 """
 from __future__ import annotations
 
@@ -34,9 +34,12 @@ from flaxdet_converters.checkpoint_io import load_checkpoint, save_checkpoint
 from flaxdet_converters.convert import export_visdet_state_dict, load_visdet_state_dict
 from flaxdet_reference import build_detector as build_ref
 
-FAST = ["faster_rcnn_r50", "faster_rcnn_r50_caffe", "mask_rcnn_r50_caffe"]
-DEEP = ["mask_rcnn_r101", "mask_rcnn_x101_32x4d"]
-ARCHS = [pytest.param(p, id=p) for p in FAST] + [pytest.param(p, id=p, marks=pytest.mark.slow) for p in DEEP]
+PRESETS = ["faster_rcnn_r50", "faster_rcnn_r50_caffe", "mask_rcnn_r50_caffe", "mask_rcnn_r101", "mask_rcnn_x101_32x4d"]
+DEFAULT = {"test_stage_parity_and_identical_detections": ["faster_rcnn_r50"]}  # the rest: make test-slow
+
+
+def _archs(test):
+    return [pytest.param(p, id=p, marks=() if p in DEFAULT.get(test, ()) else pytest.mark.slow) for p in PRESETS]
 
 
 def shrink(cfg, base=16, classes=3):
@@ -83,7 +86,7 @@ def conditioned(ref, seed):
 
 
 # --------------------------------------------------------------------------------- (a) full size
-@pytest.mark.parametrize("preset", [pytest.param(p, id=p) for p in FAST + DEEP])
+@pytest.mark.parametrize("preset", _archs("test_full_size_checkpoint_converts_and_round_trips"))
 def test_full_size_checkpoint_converts_and_round_trips(preset, tmp_path):
     cfg = load_config(preset)
     ref = build_ref(cfg)
@@ -111,7 +114,7 @@ def _case(preset, tmp_path, seed=0):
     return cfg, ref, flax
 
 
-@pytest.mark.parametrize("preset", ARCHS)
+@pytest.mark.parametrize("preset", _archs("test_stage_parity_and_identical_detections"))
 def test_stage_parity_and_identical_detections(preset, tmp_path):
     cfg, ref, flax = _case(preset, tmp_path)
     rng = np.random.default_rng(1)
@@ -140,7 +143,17 @@ def test_stage_parity_and_identical_detections(preset, tmp_path):
 
 
 # --------------------------------------------------------------------------- (c) fine-tuning
-@pytest.mark.parametrize("preset", ARCHS)
+def _loss(model, batch, key, inject=None):
+    from flax import nnx
+
+    from flaxdet.training.forward import loss_fn
+
+    graphdef, state = nnx.split(model)
+    f = jax.jit(lambda s, b, k, i: loss_fn(nnx.merge(graphdef, s), b, k, i, with_stages=True))
+    return jax.device_get(f(state, batch, key, inject))
+
+
+@pytest.mark.parametrize("preset", _archs("test_fine_tune_lowers_the_loss_and_keeps_frozen_params"))
 def test_fine_tune_lowers_the_loss_and_keeps_frozen_params(preset, tmp_path):
     from flaxdet.data.coco import CocoDataset, TrainLoader
     from flaxdet.data.synthetic import make_synthetic_coco
@@ -153,13 +166,21 @@ def test_fine_tune_lowers_the_loss_and_keeps_frozen_params(preset, tmp_path):
     loader = TrainLoader(ds, 2, (160, 128), max_gt=8, seed=0, flip_prob=0.0,
                          with_masks=flax.roi_head.with_mask)
     batch, _ = loader.make_batch(0)
-    tx, _ = make_optimizer("sgd", lr=0.01, weight_decay=1e-4, warmup_iters=1)
+    key = jax.random.PRNGKey(0)
+    # The loss before and after, on the same batch, key and proposals: training moves the RPN, hence the
+    # proposals and what the RoI head samples, so the RoI losses of later steps are not comparable to the
+    # first unless the proposals are held (visdet-style teacher forcing, inject["proposals"]).
+    loss0, (logs0, st) = _loss(flax, batch, key)
+    held = {"proposals": (st["train_proposals_boxes"], st["train_proposals_valid"])}
+    tx, _ = make_optimizer("adamw", lr=1e-4, warmup_iters=1)  # per-parameter steps: random deep nets are
+    # too sharp for one SGD rate over 6 steps (SGD 1e-4 lowers the held loss ~6%, 4e-3 raises it)
     state = TrainState(flax, tx)
     before = jax.tree_util.tree_map(np.asarray, state.params)
-    key = jax.random.PRNGKey(0)  # the same batch and samples each step: the loss must go down
-    losses = [float(state.train_step(batch, key)["loss"]) for _ in range(6)]
-    assert all(np.isfinite(losses)), losses
-    assert losses[-1] < 0.9 * losses[0], losses
+    steps = [state.train_step(batch, key) for _ in range(6)]
+    assert all(np.isfinite(float(s["loss"])) for s in steps)
+    loss1, (logs1, _) = _loss(state.model(), batch, key, held)
+    terms = {k: (round(float(logs0[k]), 4), round(float(logs1[k]), 4)) for k in logs0 if k.startswith("loss")}
+    assert float(loss1) < 0.9 * float(loss0), terms
     after = jax.tree_util.tree_map(np.asarray, state.params)
     moved = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b), before, after)
     frozen = state.model().backbone.frozen_prefixes()

@@ -117,7 +117,7 @@ def rpn_loss(model, cls_scores, bbox_preds, batch, key, inject=None):
         anchors, flags = rpn_anchor_flags(head, sizes, pad_shape, img_shape, cfg.allowed_border)
         return rpn_targets_single(anchors, flags, gtb, gtv, cfg, head.cfg.bbox_coder, k, inj)
 
-    inj = None if inject is None else inject["rpn"]
+    inj = None if inject is None else inject.get("rpn")  # parts may be injected alone
     t = jax.vmap(one)(batch["pad_shapes"], batch["img_shapes"], batch["gt_bboxes"], batch["gt_valid"], keys, inj)
     avg = t["avg_factor"].sum().astype(jnp.float32)
     cls = jnp.concatenate([c.reshape(n, -1) for c in cls_scores], 1)  # (N, A), order (lvl, y, x, a)
@@ -157,7 +157,7 @@ def rcnn_sample(model, proposals, prop_valid, batch, key, inject=None, rh=None):
         return dict(rois=cands[inds], valid=valid, is_pos=is_pos, gt_idx=gt_idx, labels=labels,
                     is_gt=is_gt[inds], assigned=assigned, inds=inds)
 
-    inj = None if inject is None else inject["rcnn"]
+    inj = None if inject is None else inject.get("rcnn")
     return jax.vmap(one)(proposals, prop_valid, batch["gt_bboxes"], batch["gt_labels"], batch["gt_valid"], keys, inj)
 
 
