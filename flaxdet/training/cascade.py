@@ -62,7 +62,8 @@ def cascade_rcnn_losses(model, neck, proposals, prop_valid, batch, key, inject=N
     for k in range(rh.num_stages):
         view = StageView(rh, k)
         w = rh.cfg.stage_loss_weights[k]
-        inj = None if inject is None else dict(rcnn=inject["rcnn"][k])
+        rc = None if inject is None else inject.get("rcnn")  # parts may be injected alone (forward.py)
+        inj = None if rc is None else dict(rcnn=rc[k])
         s = rcnn_sample(model, pb, pv, batch, keys[k], inj, rh=view)
         rl, st = rcnn_loss(model, neck, s, batch, rh=view)
         for name, v in rl.items():
