@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 DESCRIPTION = """\
 flaxdet: a weight-compatible JAX/Flax port of visdet (MMDetection 3.x fork).
@@ -18,12 +20,34 @@ Typical session:
 
 --config takes a preset name (see `flaxdet presets`) or a visdet YAML model file. A checkpoint
 written by visdet's runner carries its config (meta.cfg), so --config may be omitted for those.
+
+Compiled XLA programs are cached on disk (~/.cache/flaxdet/xla, or $XDG_CACHE_HOME/flaxdet/xla), so a
+shape bucket compiles once per machine, not once per run; FLAXDET_COMPILE_CACHE=0 turns that off, and
+JAX_COMPILATION_CACHE_DIR picks another directory.
 """
 
 
 DTYPES = ("float32", "bfloat16")
 DTYPE_HELP = ("compute dtype: float32 (default, visdet's numerics) or bfloat16 (mixed precision: convolutions and "
               "matmuls in bf16 with float32 accumulation; BN, softmax, box decoding, NMS, RoIAlign in float32).")
+
+
+def enable_compile_cache():
+    """Point JAX's persistent compilation cache at ~/.cache/flaxdet/xla unless the user chose otherwise
+    (JAX_COMPILATION_CACHE_DIR) or opted out (FLAXDET_COMPILE_CACHE=0). Returns the directory or None."""
+    if os.environ.get("FLAXDET_COMPILE_CACHE", "1") == "0":
+        return None
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # JAX reads it itself
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    import jax
+
+    d = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flaxdet" / "xla"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None  # read-only home: run without the cache
+    jax.config.update("jax_compilation_cache_dir", str(d))
+    return str(d)
 
 
 def _scale(values):
@@ -228,6 +252,7 @@ def main(argv=None):
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    enable_compile_cache()
     from flaxdet.config import ConfigError
 
     errors = (ConfigError, FileNotFoundError)

@@ -66,6 +66,9 @@ def main():
     from flaxdet.training.loop import train
     from flaxdet_converters.checkpoint_io import load_checkpoint
 
+    from flaxdet.cli import enable_compile_cache
+
+    enable_compile_cache()  # a second `make demo` skips XLA compilation
     out = Path(os.environ.get("FLAXDET_DEMO_OUT", ROOT / "out" / "demo"))
     out.mkdir(parents=True, exist_ok=True)
     steps = int(os.environ.get("FLAXDET_DEMO_STEPS", 300))
