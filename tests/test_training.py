@@ -1,6 +1,7 @@
 """Fine-tuning: kill-and-resume equals an uninterrupted run, 8 devices equal 1, bad data is named."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -171,3 +172,44 @@ def test_empty_and_crowded_images_train(tmp_path):
     logs, grads = loss_and_grads(model, batch, jax.random.PRNGKey(0))
     assert all(np.isfinite(v) for v in logs.values()), logs
     assert all(np.isfinite(g).all() for g in grads.values())
+
+
+@pytest.mark.parametrize("cascade", [False, True], ids=["mask_rcnn", "cascade_mask_rcnn"])
+def test_adapt_num_classes_reinitialises_only_class_dependent_layers(cascade):
+    """`flaxdet train` on a dataset with another class count: fc_cls (and fc_reg unless class-agnostic, as
+    a cascade's are) and conv_logits of every stage re-initialised the visdet way, everything else kept."""
+    from flaxdet.config import final_bbox_head
+    from flaxdet.models.detectors.two_stage import build_detector
+    from flaxdet.training.loop import adapt_num_classes
+    from flaxdet_converters.convert import export_visdet_state_dict
+    from parity_tests.test_cascade import small_cascade_cfg
+
+    cfg = small_cascade_cfg(mask=True, classes=5)
+    if not cascade:  # the same backbone/neck/RPN with a standard Mask R-CNN RoI head
+        from flaxdet.config import load_config
+
+        std = load_config("mask_rcnn_r50").roi_head
+        std = dataclasses.replace(
+            std, bbox_head=dataclasses.replace(std.bbox_head, in_channels=cfg.roi_head.bbox_head[0].in_channels,
+                                               fc_out_channels=32, num_classes=5),
+            bbox_roi_extractor=dataclasses.replace(std.bbox_roi_extractor,
+                                                   out_channels=cfg.roi_head.bbox_roi_extractor[0].out_channels),
+            mask_head=dataclasses.replace(std.mask_head, in_channels=cfg.roi_head.bbox_head[0].in_channels,
+                                          conv_out_channels=8, num_classes=5),
+            mask_roi_extractor=dataclasses.replace(std.mask_roi_extractor,
+                                                   out_channels=cfg.roi_head.bbox_roi_extractor[0].out_channels))
+        cfg = dataclasses.replace(load_config("mask_rcnn_r50"), backbone=cfg.backbone, neck=cfg.neck,
+                                  rpn_head=cfg.rpn_head, roi_head=std)
+    model = build_detector(cfg)
+    before = export_visdet_state_dict(model)
+    new = adapt_num_classes(model, ["a", "b", "c"], log=lambda *a: None)
+    after = export_visdet_state_dict(new)
+    assert final_bbox_head(new.cfg.roi_head).num_classes == 3 and list(after) == list(before)
+    changed = {k for k in after if after[k].shape != before[k].shape or not np.array_equal(after[k], before[k])}
+    stages = [f".{i}" for i in range(3)] if cascade else [""]
+    layers = [f"bbox_head{s}.fc_cls" for s in stages] + [f"mask_head{s}.conv_logits" for s in stages]
+    if not cascade:
+        layers.append("bbox_head.fc_reg")  # class-specific regression: 4 * num_classes outputs
+    assert changed == {f"roi_head.{m}.{p}" for m in layers for p in ("weight", "bias")}
+    w = after["roi_head.bbox_head" + stages[-1] + ".fc_cls.weight"]
+    assert w.shape[0] == 4 and 0.005 < w.std() < 0.02  # visdet's N(0, 0.01), background row included

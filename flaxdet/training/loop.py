@@ -62,42 +62,55 @@ def make_optimizer(name="sgd", lr=None, weight_decay=None, steps_per_epoch=1, wa
 
 def adapt_num_classes(model, classes, log=print):
     """visdet's SimpleRunner sets the heads' num_classes from the annotation file; so do we:
-    class-dependent layers (fc_cls, fc_reg, conv_logits) are re-initialised, everything else kept."""
+    class-dependent layers (fc_cls, fc_reg unless class-agnostic, conv_logits) are re-initialised,
+    everything else kept. A Cascade R-CNN's heads are per-stage tuples: every stage is adapted."""
+    from flaxdet.config import final_bbox_head
     from flaxdet.models.detectors.two_stage import build_detector
     from flaxdet_converters.convert import export_visdet_state_dict, load_visdet_state_dict
 
     n = len(classes)
     rh = model.cfg.roi_head
-    if rh.bbox_head.num_classes == n:
+    old = final_bbox_head(rh).num_classes
+    if old == n:
         return model
-    new_rh = dataclasses.replace(rh, bbox_head=dataclasses.replace(rh.bbox_head, num_classes=n))
-    if rh.mask_head is not None:
-        new_rh = dataclasses.replace(new_rh, mask_head=dataclasses.replace(rh.mask_head, num_classes=n))
+
+    def with_classes(c):
+        if c is None:
+            return None
+        return tuple(dataclasses.replace(h, num_classes=n) for h in c) if isinstance(c, tuple) else \
+            dataclasses.replace(c, num_classes=n)
+
+    new_rh = dataclasses.replace(rh, bbox_head=with_classes(rh.bbox_head), mask_head=with_classes(rh.mask_head))
     new = build_detector(dataclasses.replace(model.cfg, roi_head=new_rh))
     rep = load_visdet_state_dict(new, export_visdet_state_dict(model), strict=False)
-    _visdet_head_init(new, seed=n)
-    log(f"num_classes {rh.bbox_head.num_classes} -> {n} (from the dataset): re-initialised "
-        f"{len(rep.misshapen)} class-dependent tensors: {[m.split(':')[0] for m in rep.misshapen]}")
+    remade = sorted({m.split(":")[0].rsplit(".", 1)[0] for m in rep.misshapen})
+    _visdet_head_init(new, remade, seed=n)
+    log(f"num_classes {old} -> {n} (from the dataset): re-initialised {len(rep.misshapen)} class-dependent "
+        f"tensors of {remade}")
     return new
 
 
-def _visdet_head_init(model, seed=0):
-    """visdet's init for the re-created layers: fc_cls N(0, 0.01), fc_reg N(0, 0.001),
-    conv_logits Kaiming-normal (fan_out, relu); biases 0."""
+def _visdet_head_init(model, layers, seed=0):
+    """visdet's init for the re-created ``layers`` (dotted module paths such as ``roi_head.bbox_head.fc_cls``
+    or a cascade's ``roi_head.bbox_head.2.fc_cls``): fc_cls N(0, 0.01), fc_reg N(0, 0.001), conv_logits
+    Kaiming-normal (fan_out, relu); biases 0."""
     key = jax.random.PRNGKey(seed)
-    bh = model.roi_head.bbox_head
-    for layer, std in ((bh.fc_cls, 0.01), (bh.fc_reg, 0.001)):
-        key, k = jax.random.split(key)
+    for path in layers:
+        layer = model
+        for name in path.split("."):
+            layer = layer[int(name)] if name.isdigit() else getattr(layer, name)
         w = layer.weight.get_value()
-        layer.weight.set_value(std * jax.random.normal(k, w.shape, w.dtype))
-        layer.bias.set_value(jnp.zeros_like(layer.bias.get_value()))
-    if model.roi_head.with_mask:
-        cl = model.roi_head.mask_head.conv_logits
-        w = cl.weight.get_value()  # (kh, kw, in, out)
-        std = float(np.sqrt(2.0 / (w.shape[0] * w.shape[1] * w.shape[3])))
+        kind = path.rsplit(".", 1)[-1]
+        if kind == "conv_logits":
+            std = float(np.sqrt(2.0 / (w.shape[0] * w.shape[1] * w.shape[3])))  # (kh, kw, in, out): fan_out
+        elif kind in ("fc_cls", "fc_reg"):
+            std = 0.01 if kind == "fc_cls" else 0.001
+        else:
+            raise ValueError(f"unexpected class-dependent layer {path}")
         key, k = jax.random.split(key)
-        cl.weight.set_value(std * jax.random.normal(k, w.shape, w.dtype))
-        cl.bias.set_value(jnp.zeros_like(cl.bias.get_value()))
+        layer.weight.set_value(std * jax.random.normal(k, w.shape, w.dtype))
+        if layer.bias is not None:
+            layer.bias.set_value(jnp.zeros_like(layer.bias.get_value()))
 
 
 def _mesh_and_shardings(num_devices):
