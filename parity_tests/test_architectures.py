@@ -33,6 +33,7 @@ from flaxdet.parity.harness import compare_stages, flaxdet_stages, geometry_of, 
 from flaxdet_converters.checkpoint_io import load_checkpoint, save_checkpoint
 from flaxdet_converters.convert import export_visdet_state_dict, load_visdet_state_dict
 from flaxdet_reference import build_detector as build_ref
+from parity_tests.test_random_configs import conditioned_weights
 
 PRESETS = ["faster_rcnn_r50", "faster_rcnn_r50_caffe", "mask_rcnn_r50_caffe", "mask_rcnn_r101", "mask_rcnn_x101_32x4d"]
 DEFAULT = {"test_stage_parity_and_identical_detections": ["faster_rcnn_r50"]}  # the rest: make test-slow
@@ -63,26 +64,7 @@ def shrink(cfg, base=16, classes=3):
         rpn_head=dataclasses.replace(cfg.rpn_head, in_channels=16, feat_channels=16), roi_head=rh)
 
 
-def conditioned(ref, seed):
-    """Seeded weights with signal in every stage (BN statistics keep activations O(1); classifier logits
-    spread so scores are neither saturated nor tied -- see test_random_configs.conditioned_weights)."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, v in ref.state_dict().items():
-        if k.endswith("running_var"):
-            sd[k] = torch.rand(v.shape, generator=g) * 0.5 + 0.75
-        elif k.endswith("running_mean"):
-            sd[k] = torch.randn(v.shape, generator=g) * 0.1
-        elif k.endswith("num_batches_tracked"):
-            sd[k] = v
-        elif v.ndim > 1:
-            sd[k] = torch.randn(v.shape, generator=g) * (2.0 / v[0].numel()) ** 0.5
-        else:
-            sd[k] = torch.randn(v.shape, generator=g) * 0.1
-    sd["roi_head.bbox_head.fc_cls.weight"] = sd["roi_head.bbox_head.fc_cls.weight"] * 8
-    sd["rpn_head.rpn_cls.weight"] = sd["rpn_head.rpn_cls.weight"] * 2
-    ref.load_state_dict(sd, strict=True)
-    return sd
+conditioned = conditioned_weights  # seeded, well-conditioned weights loaded into ``ref`` (numpy state_dict)
 
 
 # --------------------------------------------------------------------------------- (a) full size

@@ -49,6 +49,7 @@ from flaxdet.parity.harness import compare_stages, flaxdet_stages, geometry_of, 
 from flaxdet_converters.checkpoint_io import load_checkpoint, save_checkpoint
 from flaxdet_converters.convert import export_visdet_state_dict, load_visdet_state_dict
 from flaxdet_reference import build_detector as build_ref
+from parity_tests.test_random_configs import seeded_state_dict
 
 PRESETS = {True: "cascade_mask_rcnn_r50", False: "cascade_rcnn_r50"}
 SHAPES = ((150, 190), (128, 171))  # a batch of two sizes, neither a multiple of 32
@@ -80,25 +81,12 @@ def small_cascade_cfg(mask=True, depth=18, base=8, classes=CLASSES, fc=32, mask_
 
 
 def cascade_weights(ref, seed, images, metas, spread=0.5):
-    """The seeded init of ``test_architectures.conditioned`` / ``test_random_configs.conditioned_weights``
-    (BN statistics near identity, He-normal weights, RPN classifier x2) -- those helpers hard-code the
-    single head's ``roi_head.bbox_head.fc_cls`` -- then, per cascade stage, its fc_cls bias shifted so each
+    """``test_random_configs.seeded_state_dict`` (BN statistics near identity, He-normal weights) with the
+    RPN classifier x2 as in ``conditioned_weights`` (which scales a single head's fc_cls), then, per cascade stage, its fc_cls bias shifted so each
     class logit has zero mean over the RoIs of ``images`` (ReLU features have a large common mean, which
     otherwise hands every RoI the same class) and scaled by ``spread`` (varied labels, scores 0.3-0.8, all
     three stages carrying signal). Returns the state_dict (numpy)."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, v in ref.state_dict().items():
-        if k.endswith("running_var"):
-            sd[k] = torch.rand(v.shape, generator=g) * 0.5 + 0.75
-        elif k.endswith("running_mean"):
-            sd[k] = torch.randn(v.shape, generator=g) * 0.1
-        elif k.endswith("num_batches_tracked"):
-            sd[k] = v
-        elif v.ndim > 1:
-            sd[k] = torch.randn(v.shape, generator=g) * (2.0 / v[0].numel()) ** 0.5
-        else:
-            sd[k] = torch.randn(v.shape, generator=g) * 0.1
+    sd = seeded_state_dict(ref, seed)
     sd["rpn_head.rpn_cls.weight"] = sd["rpn_head.rpn_cls.weight"] * 2  # as conditioned_weights: no sigmoid ties
     ref.load_state_dict(sd, strict=True)
     stages = {}

@@ -39,9 +39,9 @@ def small_cfg(depth, base, style, classes, fc, mask_ch, faster=False):
         rpn_head=dataclasses.replace(cfg.rpn_head, in_channels=16, feat_channels=16), roi_head=rh)
 
 
-def conditioned_weights(ref, seed):
-    """Seeded weights with signal in every stage: BN stats set so activations stay O(1), classifier
-    logits spread so scores are not saturated or tied."""
+def seeded_state_dict(ref, seed):
+    """Seeded torch weights for ``ref``'s state_dict with signal in every stage: BN statistics near
+    identity (activations stay O(1)), He-normal weights, small biases."""
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for k, v in ref.state_dict().items():
@@ -56,6 +56,13 @@ def conditioned_weights(ref, seed):
             sd[k] = torch.randn(v.shape, generator=g) * (2.0 / fan_in) ** 0.5
         else:
             sd[k] = torch.randn(v.shape, generator=g) * 0.1
+    return sd
+
+
+def conditioned_weights(ref, seed):
+    """:func:`seeded_state_dict` with the classifier logits spread so scores are not saturated or tied;
+    loaded into ``ref``, returned as numpy."""
+    sd = seeded_state_dict(ref, seed)
     # spread the logits, but keep the RPN's sigmoid out of float32 saturation: at x8 its logits reached
     # 34 and hundreds of proposals scored exactly 1.0 -- an exact tie whose NMS order is arbitrary
     # (torch's and XLA's sigmoid saturate at slightly different logits), which was the "404 vs 405
