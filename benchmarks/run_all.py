@@ -46,7 +46,10 @@ FILES = {"convert": "convert.json", "infer": "infer.json", "swin": "infer_mask_r
 
 def _load(d, name):
     p = d / FILES[name]
-    return json.loads(p.read_text()) if p.is_file() else None
+    if not p.is_file():
+        return None
+    data = json.loads(p.read_text())
+    return data if data.get("benchmark") else None  # a file from before this suite (other layout): ignored
 
 
 def _f(v, fmt=".2f"):
