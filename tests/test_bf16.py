@@ -44,7 +44,8 @@ BF16_TOLERANCES = {  # flaxdet.parity.Tol: value + reason
                                  "0.73-0.91 (top-20: 0.75-0.90)."),
     "bf16.det.score": Tol(0.2, _WHY + "Absolute score difference of matched detections; observed <= 0.151."),
     "bf16.train.loss": Tol(0.05, "bf16 vs float32 train step, each loss term relative; forward features "
-                                 "differ by ~5e-2 of their scale, losses average over thousands of anchors/RoIs"),
+                                 "differ by ~5e-2 of their scale, losses average over thousands of anchors/RoIs; "
+                                 "observed <= 2.8e-2 (loss_bbox; total loss 8e-3)"),
 }
 # Not a bf16 test case: the golden R50 weights amplify input perturbations ~1e5x (README, Training: 1e-7
 # weight noise moves their gradients 5e-2); under bf16 their C5 differs by 0.33 of its scale (measured).
