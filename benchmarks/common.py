@@ -210,6 +210,8 @@ def run_worker(script, spec, env=None):
     """Run ``script --worker JSON`` in a fresh interpreter (so peak RSS and caches are its own);
     return the JSON dict it prints last. Raises SystemExit with its stderr tail on failure."""
     cmd = [sys.executable, str(script), "--worker", json.dumps(spec)]
+    if env is None:  # compile times are cold ones: no persistent XLA cache (flaxdet's CLI enables one)
+        env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     if r.returncode:
         raise SystemExit(f"worker {spec} failed (exit {r.returncode}):\n{r.stderr[-4000:]}")
