@@ -10,7 +10,7 @@
    same fine-tuned weights;
 6. an overlay PNG of the fine-tuned model, and ``flaxdet export`` back to a visdet checkpoint.
 
-Environment knobs: FLAXDET_DEMO_STEPS (default 300), FLAXDET_DEMO_OUT (default out/demo).
+Environment knobs: FLAXDET_DEMO_STEPS (default 150), FLAXDET_DEMO_OUT (default out/demo).
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def main():
     enable_compile_cache()  # a second `make demo` skips XLA compilation
     out = Path(os.environ.get("FLAXDET_DEMO_OUT", ROOT / "out" / "demo"))
     out.mkdir(parents=True, exist_ok=True)
-    steps = int(os.environ.get("FLAXDET_DEMO_STEPS", 300))
+    steps = int(os.environ.get("FLAXDET_DEMO_STEPS", 150))
     t0 = time.time()
     ckpt, cfg, img = _visdet_checkpoint(out)
     image = out / "photo.png"
@@ -106,7 +106,7 @@ def main():
 
     print("\n[demo] 6/6 overlay and export")
     run_infer(out / "run" / "model", sorted((out / "data" / "val" / "images").glob("*.png"))[:2], out / "infer",
-              scale=SCALE, score_thr=0.5, progress=False)
+              scale=SCALE, score_thr=0.3, progress=False)
     back, n = export_model_dir(out / "run" / "model", out / "fine_tuned_visdet.pth")
     a = load_checkpoint(back)
     print(f"{back}: {n} keys, classes {a.classes}")
