@@ -103,15 +103,7 @@ COLS = [("preset", "preset", ""), ("scenario", "scenario", ""), ("size", "size",
 
 
 def columns(dtypes):
-    cols = list(COLS)
-    for dt in dtypes:
-        cols += [(f"flaxdet {dt} s", lambda r, dt=dt: r["flaxdet"][dt]["median_s"], ".2f"),
-                 (f"ratio {dt}", lambda r, dt=dt: r["ratio"][dt], ".2f")]
-    cols += [(f"compile {dt} s", lambda r, dt=dt: r["flaxdet"][dt]["trace_s"] + r["flaxdet"][dt]["compile_s"], ".1f")
-             for dt in dtypes]
-    cols += [("RSS pt/fd MB", lambda r: f"{r['pytorch']['peak_rss_mb']:.0f}/"
-              + "/".join(f"{r['flaxdet'][dt]['peak_rss_mb']:.0f}" for dt in r["dtypes"]), "")]
-    return cols
+    return common.dtype_columns(COLS, dtypes)
 
 
 def main(argv=None):

@@ -254,3 +254,17 @@ def md_table(rows, cols):
             vals.append("-" if v is None else format(v, f) if f else str(v))
         out.append("| " + " | ".join(vals) + " |")
     return "\n".join(out)
+
+
+def dtype_columns(cols, dtypes):
+    """``cols`` plus, per flaxdet compute dtype, its median and ratio, then compile times and peak RSS
+    (rows carry ``pytorch``, ``flaxdet[dtype]``, ``ratio[dtype]`` and ``dtypes``)."""
+    cols = list(cols)
+    for dt in dtypes:
+        cols += [(f"flaxdet {dt} s", lambda r, dt=dt: r["flaxdet"][dt]["median_s"], ".2f"),
+                 (f"ratio {dt}", lambda r, dt=dt: r["ratio"][dt], ".2f")]
+    cols += [(f"compile {dt} s", lambda r, dt=dt: r["flaxdet"][dt]["trace_s"] + r["flaxdet"][dt]["compile_s"], ".1f")
+             for dt in dtypes]
+    cols += [("RSS pt/fd MB", lambda r: f"{r['pytorch']['peak_rss_mb']:.0f}/"
+              + "/".join(f"{r['flaxdet'][dt]['peak_rss_mb']:.0f}" for dt in r["dtypes"]), "")]
+    return cols
