@@ -135,6 +135,21 @@ def _loss(model, batch, key, inject=None):
     return jax.device_get(f(state, batch, key, inject))
 
 
+def assert_frozen_unchanged(state, before):
+    """After training ``state`` from params ``before``: nothing under the backbone's frozen prefixes moved
+    (and the preset freezes something). Returns {dotted param path: moved?}."""
+    after = jax.tree_util.tree_map(np.asarray, state.params)
+    moved = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b), before, after)
+    frozen = state.model().backbone.frozen_prefixes()
+    assert frozen, "every preset freezes the stem at least (frozen_stages: 1)"
+    flat = {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): m
+            for path, m in jax.tree_util.tree_flatten_with_path(moved)[0]}
+    for name, m in flat.items():
+        if name.startswith("backbone.") and any((name[9:] + ".").startswith(p + ".") for p in frozen):
+            assert not m, f"{name} is frozen by the preset but moved"
+    return flat
+
+
 @pytest.mark.parametrize("preset", _archs("test_fine_tune_lowers_the_loss_and_keeps_frozen_params"))
 def test_fine_tune_lowers_the_loss_and_keeps_frozen_params(preset, tmp_path):
     from flaxdet.data.coco import CocoDataset, TrainLoader
@@ -163,15 +178,7 @@ def test_fine_tune_lowers_the_loss_and_keeps_frozen_params(preset, tmp_path):
     loss1, (logs1, _) = _loss(state.model(), batch, key, held)
     terms = {k: (round(float(logs0[k]), 4), round(float(logs1[k]), 4)) for k in logs0 if k.startswith("loss")}
     assert float(loss1) < 0.9 * float(loss0), terms
-    after = jax.tree_util.tree_map(np.asarray, state.params)
-    moved = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b), before, after)
-    frozen = state.model().backbone.frozen_prefixes()
-    assert frozen, "every preset freezes the stem at least (frozen_stages: 1)"
-    flat = {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): m
-            for path, m in jax.tree_util.tree_flatten_with_path(moved)[0]}
-    for name, m in flat.items():
-        if name.startswith("backbone.") and any((name[9:] + ".").startswith(p + ".") for p in frozen):
-            assert not m, f"{name} is frozen by the preset but moved"
+    flat = assert_frozen_unchanged(state, before)
     assert any(m for name, m in flat.items() if name.startswith("roi_head.")), "the heads did not train"
     if not load_config(preset).backbone.norm_cfg.requires_grad:
         bn = [n for n in flat if n.startswith("backbone.layer4") and ".bn" in n]

@@ -49,6 +49,7 @@ from flaxdet.parity.harness import compare_stages, flaxdet_stages, geometry_of, 
 from flaxdet_converters.checkpoint_io import load_checkpoint, save_checkpoint
 from flaxdet_converters.convert import export_visdet_state_dict, load_visdet_state_dict
 from flaxdet_reference import build_detector as build_ref
+from parity_tests.test_architectures import assert_frozen_unchanged
 from parity_tests.test_random_configs import seeded_state_dict
 
 PRESETS = {True: "cascade_mask_rcnn_r50", False: "cascade_rcnn_r50"}
@@ -408,15 +409,7 @@ def test_fine_tune_lowers_the_loss_and_keeps_frozen_params(mask, cases, tmp_path
         assert f"s{k}.loss_cls" in logs[0] and (f"s{k}.loss_mask" in logs[0]) == mask
         stage = [sum(float(m[n]) for n in m if n.startswith(f"s{k}.loss")) for m in logs]
         assert stage[-1] < stage[0], (k, stage)
-    after = jax.tree_util.tree_map(np.asarray, state.params)
-    moved = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b), before, after)
-    frozen = state.model().backbone.frozen_prefixes()
-    assert frozen, "the cascade presets freeze the stem (frozen_stages: 1)"
-    flat = {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): m
-            for path, m in jax.tree_util.tree_flatten_with_path(moved)[0]}
-    for name, m in flat.items():
-        if name.startswith("backbone.") and any((name[9:] + ".").startswith(p + ".") for p in frozen):
-            assert not m, f"{name} is frozen by the preset but moved"
+    flat = assert_frozen_unchanged(state, before)
     for k in range(3):  # every stage's heads trained
         assert any(m for n, m in flat.items() if n.startswith(f"roi_head.bbox_head.{k}.")), k
         assert any(m for n, m in flat.items() if n.startswith(f"roi_head.mask_head.{k}.")) == mask, k
