@@ -132,14 +132,9 @@ def main(argv=None):
             for b in a.batches:
                 base = dict(ckpt=ckpts[scenario], preset=a.preset, size=size, batch=b, repeats=a.repeats,
                             scenario=scenario)
-                pt = common.run_worker(__file__, dict(base, side="pytorch"))
-                print(json.dumps(pt), flush=True)
-                fd = {}
-                for dt in a.dtypes:
-                    fd[dt] = common.run_worker(__file__, dict(base, side="flaxdet", dtype=dt))
-                    print(json.dumps(fd[dt]), flush=True)
+                pt, fd, ratio = common.run_sides(__file__, base, a.dtypes)
                 rows.append(dict(preset=a.preset, scenario=scenario, size=size, batch=b, dtypes=a.dtypes,
-                                 pytorch=pt, flaxdet=fd, ratio={dt: pt["median_s"] / fd[dt]["median_s"] for dt in fd}))
+                                 pytorch=pt, flaxdet=fd, ratio=ratio))
     out = common.save(f"infer{'' if a.preset == 'mask_rcnn_r50' else '_' + a.preset}.json",
                       dict(benchmark="infer", machine=machine, preset=a.preset, weights="seeded (reference/, torch seed 0)",
                            repeats=a.repeats, results=rows), a.out)

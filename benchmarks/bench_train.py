@@ -80,7 +80,6 @@ def worker(spec):
             return r
 
         out.update(device=str(dev), dtype="float32", trainable_params=len(params))
-        first_logs = None
     else:
         import jax
         import jax.numpy as jnp
@@ -154,14 +153,9 @@ def main(argv=None):
     ckpt = str(common.write_checkpoint(tmp / f"{a.preset}.pth", common.seeded_state_dict(a.preset)))
     machine = common.machine()
     base = dict(ckpt=ckpt, preset=a.preset, size=a.size, batch=a.batch, repeats=a.repeats)
-    pt = common.run_worker(__file__, dict(base, side="pytorch"))
-    print(json.dumps(pt), flush=True)
-    fd = {}
-    for dt in a.dtypes:
-        fd[dt] = common.run_worker(__file__, dict(base, side="flaxdet", dtype=dt))
-        print(json.dumps(fd[dt]), flush=True)
+    pt, fd, ratio = common.run_sides(__file__, base, a.dtypes)
     rows = [dict(preset=a.preset, size=a.size, batch=a.batch, dtypes=a.dtypes, pytorch=pt, flaxdet=fd,
-                 ratio={dt: pt["median_s"] / fd[dt]["median_s"] for dt in fd})]
+                 ratio=ratio)]
     out = common.save("train.json", dict(benchmark="train", machine=machine, preset=a.preset, optimizer=dict(SGD, name="sgd"),
                                          gt_per_image=NUM_GT, repeats=a.repeats, results=rows), a.out)
     print()

@@ -268,3 +268,15 @@ def dtype_columns(cols, dtypes):
     cols += [("RSS pt/fd MB", lambda r: f"{r['pytorch']['peak_rss_mb']:.0f}/"
               + "/".join(f"{r['flaxdet'][dt]['peak_rss_mb']:.0f}" for dt in r["dtypes"]), "")]
     return cols
+
+
+def run_sides(script, base, dtypes):
+    """The PyTorch worker, then flaxdet's per compute dtype, on the same ``base`` spec (each printed as a JSON
+    line). Returns (pytorch, {dtype: flaxdet}, {dtype: pytorch / flaxdet median})."""
+    pt = run_worker(script, dict(base, side="pytorch"))
+    print(json.dumps(pt), flush=True)
+    fd = {}
+    for dt in dtypes:
+        fd[dt] = run_worker(script, dict(base, side="flaxdet", dtype=dt))
+        print(json.dumps(fd[dt]), flush=True)
+    return pt, fd, {dt: pt["median_s"] / fd[dt]["median_s"] for dt in fd}
