@@ -37,8 +37,8 @@ class StageView:
     def bbox_forward(self, feats, rois):
         return self._head.bbox_forward(self._k, feats, rois)
 
-    def mask_forward(self, feats, rois):
-        return self._head.mask_forward(self._k, feats, rois)
+    def mask_forward(self, feats, rois, valid=None):
+        return self._head.mask_forward(self._k, feats, rois, valid=valid)
 
 
 def refine_sampled(bbox_head, s, cls, reg, img_shapes):

@@ -20,12 +20,13 @@ uses ``key``.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxdet.models.roi_heads.standard_roi_head import bbox2roi
+from flaxdet.models.roi_heads.standard_roi_head import bbox2roi, mask_buckets
 from flaxdet.ops import anchors as A
 from flaxdet.ops.boxes import encode_deltas
 from flaxdet.ops.roi_align import roi_align
@@ -193,30 +194,50 @@ def rcnn_loss(model, neck, s, batch, rh=None):
 
 
 def mask_loss(model, neck, s, batch, rh=None):
-    """Positive rows only: the first Spos sampled rows of each image are the positives."""
+    """Positive rows only: the first Spos sampled rows of each image hold its positives (``is_pos``).
+
+    visdet runs the mask branch on the positives it has (often a handful per image); at a static
+    Spos rows per image the mask head would cost that of Spos every step (4 3x3 convs of 256
+    channels at 14x14: ~2.3 s forward for 256 rows on 2 CPU cores, backward twice that). So the
+    branch is compiled for ``mask_buckets(Spos)`` rows per image (Spos/8 .. Spos) and ``lax.switch``
+    runs the smallest that holds every image's last positive row; non-positive rows are skipped by
+    both RoIAligns and count for nothing. Stage arrays are padded back to Spos rows per image."""
     rh = model.roi_head if rh is None else rh
     spos = int(rh.cfg.train_cfg.sampler.num * rh.cfg.train_cfg.sampler.pos_fraction)
     n = s["valid"].shape[0]
-    pos_boxes = s["rois"][:, :spos]
+    size = rh.cfg.train_cfg.mask_size
     pos_valid = s["is_pos"][:, :spos]
-    mask_rois = bbox2roi(pos_boxes)
-    roi_feats, logits = rh.mask_forward(neck, mask_rois)
-    labels = jnp.clip(s["labels"][:, :spos].reshape(-1), 0, logits.shape[-1] - 1)  # padded rows: any channel
-    logits = jnp.take_along_axis(logits, labels[:, None, None, None], -1)[..., 0]  # (N*Spos, 28, 28)
     masks = batch["gt_masks"]  # (N, G, Hp, Wp)
     g, hp, wp = masks.shape[1:]
-    clipped = jnp.stack([jnp.clip(pos_boxes[..., 0], 0, wp), jnp.clip(pos_boxes[..., 1], 0, hp),
-                         jnp.clip(pos_boxes[..., 2], 0, wp), jnp.clip(pos_boxes[..., 3], 0, hp)], -1)
-    gt_flat = (jnp.arange(n)[:, None] * g + s["gt_idx"][:, :spos]).reshape(-1, 1).astype(clipped.dtype)
-    size = rh.cfg.train_cfg.mask_size
-    crops = roi_align(masks.reshape(n * g, hp, wp, 1).astype(jnp.float32),
-                      jnp.concatenate([gt_flat, clipped.reshape(-1, 4)], 1), size, 1.0, 0, True)[..., 0]
-    targets = (crops >= 0.5).astype(logits.dtype)
-    pv = pos_valid.reshape(-1).astype(logits.dtype)
-    num = pv.sum() * size * size
-    loss = (bce_with_logits(logits, targets) * pv[:, None, None]).sum() / jnp.maximum(num, 1.0)
-    stages = dict(mask_rois=mask_rois, mask_roi_feats=roi_feats, mask_preds_sel=logits, mask_targets=targets,
-                  mask_valid=pos_valid.reshape(-1))
+    gt_maps = masks.reshape(n * g, hp, wp, 1).astype(jnp.float32)
+
+    def run(k):  # the first k rows of each image
+        boxes, pv = s["rois"][:, :k], pos_valid[:, :k].reshape(-1)
+        roi_feats, logits = rh.mask_forward(neck, bbox2roi(boxes), valid=pv)
+        labels = jnp.clip(s["labels"][:, :k].reshape(-1), 0, logits.shape[-1] - 1)  # other rows: any channel
+        logits = jnp.take_along_axis(logits, labels[:, None, None, None], -1)[..., 0]  # (N*k, 28, 28)
+        clipped = jnp.stack([jnp.clip(boxes[..., 0], 0, wp), jnp.clip(boxes[..., 1], 0, hp),
+                             jnp.clip(boxes[..., 2], 0, wp), jnp.clip(boxes[..., 3], 0, hp)], -1)
+        gt_flat = (jnp.arange(n)[:, None] * g + s["gt_idx"][:, :k]).reshape(-1, 1).astype(clipped.dtype)
+        crops = roi_align(gt_maps, jnp.concatenate([gt_flat, clipped.reshape(-1, 4)], 1), size, 1.0, 0, True,
+                          valid=pv)[..., 0]
+        targets = (crops >= 0.5).astype(logits.dtype)
+        total = (bce_with_logits(logits, targets) * pv[:, None, None].astype(logits.dtype)).sum()
+
+        def pad(a):  # (N*k, ...) -> (N*Spos, ...)
+            a = a.reshape(n, k, *a.shape[1:])
+            return jnp.pad(a, [(0, 0), (0, spos - k)] + [(0, 0)] * (a.ndim - 2)).reshape(n * spos, *a.shape[2:])
+
+        return total, (pad(roi_feats), pad(logits), pad(targets))
+
+    sizes = mask_buckets(spos)
+    need = jnp.max(jnp.where(pos_valid, jnp.arange(1, spos + 1), 0))  # rows per image holding every positive
+    branch = jnp.minimum(jnp.searchsorted(jnp.asarray(sizes), need), len(sizes) - 1)
+    total, (roi_feats, logits, targets) = jax.lax.switch(branch, [partial(run, k) for k in sizes])
+    num = pos_valid.sum().astype(logits.dtype) * size * size
+    loss = total / jnp.maximum(num, 1.0)
+    stages = dict(mask_rois=bbox2roi(s["rois"][:, :spos]), mask_roi_feats=roi_feats, mask_preds_sel=logits,
+                  mask_targets=targets, mask_valid=pos_valid.reshape(-1))
     return rh.mask_head.cfg.loss_mask.loss_weight * loss, stages
 
 

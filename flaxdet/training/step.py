@@ -56,6 +56,12 @@ def apply_frozen(tree, factor):
     return jax.tree_util.tree_map_with_path(lambda p, x: x * factor(p) if factor(p) != 1.0 else x, tree)
 
 
+def stop_frozen(tree, factor):
+    """``stop_gradient`` on the parameters ``factor`` freezes: XLA then drops their weight-gradient
+    convolutions (the stem and ``layer1`` of an R50 at stride 2/4 are the largest maps of the step)."""
+    return jax.tree_util.tree_map_with_path(lambda p, x: jax.lax.stop_gradient(x) if factor(p) == 0.0 else x, tree)
+
+
 def loss_and_grads(model, batch, key, inject=None, with_stages=False):
     """(logs, grads as {visdet key: numpy array in torch layout}[, stages])."""
     graphdef, params, rest = split(model)
@@ -104,8 +110,8 @@ class TrainState:
     def _step(self, params, opt_state, rest, batch, key):
         import optax
 
-        def inner(p):
-            return loss_fn(nnx.merge(self.graphdef, p, rest), batch, key)
+        def inner(p):  # frozen parameters are constants here: their gradients are never computed
+            return loss_fn(nnx.merge(self.graphdef, stop_frozen(p, self.frozen), rest), batch, key)
 
         (_, logs), grads = jax.value_and_grad(inner, has_aux=True)(params)
         grads = apply_frozen(grads, self.frozen)
