@@ -95,7 +95,7 @@ def _conv_fwd(x, w, stride, padding, dilation, groups, precision, out_dtype):
 def _conv_bwd(stride, padding, dilation, groups, precision, out_dtype, res, gy):
     """Input gradient: XLA's (the transpose of the convolution). Weight gradient, per kernel tap (a, b):
     ``gw[a, b] = sum_{n,i,j} x_pad[n, s*i + d*a, s*j + d*b, :]^T gy[n, i, j, :]`` -- one matmul
-    over all N*Ho*Wo output positions (float32 accumulation; products in the compute dtype)."""
+    over all N*Ho*Wo output positions (at least float32 accumulation; products in the compute dtype)."""
     x, w = res
     gx = jax.vjp(lambda v: _conv_xla(v, w, stride, padding, dilation, groups, precision, out_dtype), x)[1](gy)[0]
     kh, kw, cin, cout = w.shape
@@ -109,7 +109,7 @@ def _conv_bwd(stride, padding, dilation, groups, precision, out_dtype, res, gy):
             xs = jax.lax.slice(xp, (0, r0, c0, 0), (n, r0 + (ho - 1) * stride[0] + 1, c0 + (wo - 1) * stride[1] + 1,
                                                     cin), (1, *stride, 1))
             taps.append(jnp.matmul(xs.reshape(-1, cin).T, g2, precision=precision,
-                                   preferred_element_type=jnp.float32))
+                                   preferred_element_type=jnp.promote_types(x.dtype, jnp.float32)))
     return gx, jnp.stack(taps).reshape(w.shape).astype(w.dtype)
 
 

@@ -1,0 +1,132 @@
+"""The train-step speed-ups compute what the plain formulation computes.
+
+- ``flaxdet.nn.conv2d``: where its weight gradient is shifted matmuls (a custom VJP), both gradients
+  equal XLA's transposed convolutions, checked in float64 and against float64 in float32.
+- ``forward.mask_loss``: the mask branch on the smallest row bucket holding the positives gives the
+  loss and gradients of the full Spos rows (visdet's recorded tiny-R18 training step, its samples
+  replayed).
+- ``TrainState``: frozen parameters (``frozen_stages``) are constants of the step.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxdet import nn
+
+HI = jax.lax.Precision.HIGHEST
+
+CASES = [  # (N, H, W, Cin, Cout, k, stride, padding, dilation)
+    (2, 11, 9, 256, 8, 3, 1, 1, 1),
+    (2, 11, 9, 256, 8, 3, 2, 1, 1),
+    (1, 12, 12, 256, 4, 3, 1, 2, 2),
+    (1, 9, 11, 260, 5, 3, 2, 0, 1),
+    (2, 8, 10, 16, 12, 1, 2, 0, 1),
+    (2, 7, 7, 32, 6, 1, 1, 0, 1),
+]
+
+
+def _grads(fn, x, w, args):
+    return jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.cos(fn(x, w, *args))), (0, 1)))(x, w)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"k{c[5]}s{c[6]}p{c[7]}d{c[8]}c{c[3]}" for c in CASES])
+def test_conv_weight_gradient_by_matmuls_equals_xla(case):
+    n, h, w_, cin, cout, k, s, p, d = case
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, h, w_, cin))
+    w = rng.standard_normal((k, k, cin, cout)) / np.sqrt(k * k * cin)
+    assert nn._matmul_weight_grad(w, 1)  # the custom-VJP path is the one under test
+    args = ((s, s), (p, p), (d, d), 1, HI, None)
+    with jax.enable_x64():
+        mine = _grads(nn.conv2d, jnp.asarray(x), jnp.asarray(w), args)
+        ref = _grads(nn._conv_xla, jnp.asarray(x), jnp.asarray(w), args)
+        for a, b in zip(mine, ref):
+            assert a.dtype == jnp.float64
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+    f32 = _grads(nn.conv2d, jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), args)
+    for a, b in zip(f32, ref):  # float32 summation error only
+        assert a.dtype == jnp.float32
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 2e-6 * np.abs(np.asarray(b)).max()
+
+
+def test_conv_bf16_gradients_keep_dtypes():
+    """Mixed precision: bf16 operands, float32 output; the weight gradient comes back in the weight's
+    dtype (the layer's float32 -> bf16 cast turns it into float32), close to the float32 one."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 10, 10, 256)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 256, 8)) / 48, jnp.float32)
+
+    def loss(x, w, dt):
+        y = nn.conv2d(x.astype(dt), w.astype(dt), (1, 1), (1, 1), (1, 1), 1,
+                      jax.lax.Precision.DEFAULT if dt == jnp.bfloat16 else HI, jnp.float32)
+        assert y.dtype == jnp.float32
+        return jnp.sum(y * y)
+
+    gb = jax.grad(loss, (0, 1))(x, w, jnp.bfloat16)
+    gf = jax.grad(loss, (0, 1))(x, w, jnp.float32)
+    for a, b in zip(gb, gf):
+        assert a.dtype == jnp.float32
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 2e-2 * np.abs(np.asarray(b)).max()
+
+
+@pytest.fixture(scope="module")
+def replay():
+    from parity_tests.goldens import require_goldens
+
+    require_goldens()
+    from flaxdet.config import load_config
+    from flaxdet.models.detectors.two_stage import build_detector
+    from flaxdet_converters.checkpoint_io import load_checkpoint
+    from flaxdet_converters.convert import load_visdet_state_dict
+    from parity_tests.goldens import GOLDENS
+    from parity_tests.train_golden import build_batch_and_injection, load_train_golden
+
+    z, _ = load_train_golden()
+    model = build_detector(load_config(GOLDENS / "mask_rcnn_tiny_r18" / "config.yaml"))
+    load_visdet_state_dict(model, load_checkpoint(GOLDENS / "mask_rcnn_tiny_r18" / "state_dict.pth").state_dict)
+    batch, inject = build_batch_and_injection(model, z)
+    return model, batch, inject
+
+
+def test_mask_branch_buckets_equal_all_rows(replay, monkeypatch):
+    from flaxdet.training import forward
+    from flaxdet.training.step import loss_and_grads
+
+    model, batch, inject = replay
+    key = jax.random.PRNGKey(0)
+    logs, grads, st = loss_and_grads(model, batch, key, inject, with_stages=True)
+    spos = np.asarray(st["mask_valid"]).reshape(2, -1)
+    last = max(int(np.nonzero(r)[0].max()) + 1 for r in spos if r.any())
+    assert last <= forward.mask_buckets(spos.shape[1])[-2]  # a smaller bucket than Spos ran
+    monkeypatch.setattr(forward, "mask_buckets", lambda d: (d,))  # every Spos row, as before buckets
+    logs_all, grads_all, st_all = loss_and_grads(model, batch, key, inject, with_stages=True)
+    assert logs["loss_mask"] == pytest.approx(logs_all["loss_mask"], rel=1e-6)
+    assert logs["loss"] == pytest.approx(logs_all["loss"], rel=1e-6)
+    mv = np.asarray(st["mask_valid"])
+    for name in ("mask_targets", "mask_preds_sel", "mask_roi_feats"):
+        np.testing.assert_allclose(np.asarray(st[name])[mv], np.asarray(st_all[name])[mv], rtol=0, atol=1e-5)
+    for name in (k for k in grads if k.startswith("roi_head.mask_head")):
+        b = grads_all[name]
+        assert np.abs(grads[name] - b).max() <= 1e-5 * max(np.abs(b).max(), 1e-12), name
+        assert np.abs(b).max() > 0, name  # the mask head is trained by this step
+
+
+def test_frozen_parameters_are_constants_of_the_step(replay):
+    from flaxdet.training.loop import make_optimizer
+    from flaxdet.training.step import TrainState, _path_names
+
+    model, batch, _ = replay
+    tx, _ = make_optimizer("sgd", 0.02, 1e-4, steps_per_epoch=10, warmup_iters=0, momentum=0.9)
+    state = TrainState(model, tx)
+    leaves = jax.tree_util.tree_leaves_with_path(state.params)
+    before = {".".join(_path_names(p)): np.asarray(v).copy() for p, v in leaves}
+    frozen = [".".join(_path_names(p)) for p, _ in leaves if state.frozen(p) == 0.0]
+    state.train_step(batch, jax.random.PRNGKey(0))
+    after = {".".join(_path_names(p)): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(state.params)}
+    assert frozen and any(k.startswith("backbone.conv1") for k in frozen)
+    assert all(np.array_equal(before[k], after[k]) for k in frozen)
+    moved = [k for k in before if k not in frozen and not np.array_equal(before[k], after[k])]
+    assert any(k.startswith("backbone.layer4") for k in moved) and any(k.startswith("roi_head.mask_head") for k in moved)
