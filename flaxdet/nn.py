@@ -93,12 +93,21 @@ def _conv_fwd(x, w, stride, padding, dilation, groups, precision, out_dtype):
 
 
 def _conv_bwd(stride, padding, dilation, groups, precision, out_dtype, res, gy):
-    """Input gradient: XLA's (the transpose of the convolution). Weight gradient, per kernel tap (a, b):
+    """Input gradient: a flipped-kernel convolution at stride 1, else XLA's transpose. Weight gradient,
+    per kernel tap (a, b):
     ``gw[a, b] = sum_{n,i,j} x_pad[n, s*i + d*a, s*j + d*b, :]^T gy[n, i, j, :]`` -- one matmul
     over all N*Ho*Wo output positions (at least float32 accumulation; products in the compute dtype)."""
     x, w = res
-    gx = jax.vjp(lambda v: _conv_xla(v, w, stride, padding, dilation, groups, precision, out_dtype), x)[1](gy)[0]
     kh, kw, cin, cout = w.shape
+    back = [d * (k - 1) - p for d, k, p in zip(dilation, (kh, kw), padding)]
+    if stride == (1, 1) and min(back) >= 0:
+        # stride 1: the input gradient is a forward convolution of gy with the flipped, in/out-swapped
+        # kernel. XLA's own transpose is a different convolution that XLA:CPU runs without its fast
+        # kernels inside lax.switch branches (the training mask branch): measured 2.2x slower there.
+        wf = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+        gx = _conv_xla(gy.astype(x.dtype), wf, (1, 1), back, dilation, 1, precision, out_dtype).astype(x.dtype)
+    else:
+        gx = jax.vjp(lambda v: _conv_xla(v, w, stride, padding, dilation, groups, precision, out_dtype), x)[1](gy)[0]
     n, ho, wo, _ = gy.shape
     xp = jnp.pad(x, ((0, 0), (padding[0],) * 2, (padding[1],) * 2, (0, 0)))
     g2 = gy.astype(x.dtype).reshape(-1, cout)

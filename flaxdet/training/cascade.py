@@ -31,14 +31,13 @@ class StageView:
         self.bbox_head = head.bbox_head[k]
         self.with_mask = head.with_mask
         if head.with_mask:
+            self.mask_roi_extractor = head.mask_roi_extractor[k]
             self.mask_head = head.mask_head[k]
         self._head, self._k = head, k
 
     def bbox_forward(self, feats, rois):
         return self._head.bbox_forward(self._k, feats, rois)
 
-    def mask_forward(self, feats, rois, valid=None):
-        return self._head.mask_forward(self._k, feats, rois, valid=valid)
 
 
 def refine_sampled(bbox_head, s, cls, reg, img_shapes):

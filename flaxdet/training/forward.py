@@ -199,45 +199,46 @@ def mask_loss(model, neck, s, batch, rh=None):
     visdet runs the mask branch on the positives it has (often a handful per image); at a static
     Spos rows per image the mask head would cost that of Spos every step (4 3x3 convs of 256
     channels at 14x14: ~2.3 s forward for 256 rows on 2 CPU cores, backward twice that). So the
-    branch is compiled for ``mask_buckets(Spos)`` rows per image (Spos/8 .. Spos) and ``lax.switch``
-    runs the smallest that holds every image's last positive row; non-positive rows are skipped by
-    both RoIAligns and count for nothing. Stage arrays are padded back to Spos rows per image."""
+    RoIAligns (features and GT-mask targets) skip non-positive rows, and the mask head is compiled
+    for ``mask_buckets(Spos)`` rows per image (Spos/8 .. Spos), ``lax.switch`` running the smallest
+    that holds every image's last positive row; rows past it count for nothing (stage arrays are
+    padded back to Spos rows per image)."""
     rh = model.roi_head if rh is None else rh
     spos = int(rh.cfg.train_cfg.sampler.num * rh.cfg.train_cfg.sampler.pos_fraction)
     n = s["valid"].shape[0]
     size = rh.cfg.train_cfg.mask_size
-    pos_valid = s["is_pos"][:, :spos]
+    boxes, pos_valid = s["rois"][:, :spos], s["is_pos"][:, :spos]
+    pv = pos_valid.reshape(-1)
+    mask_rois = bbox2roi(boxes)
+    roi_feats = rh.mask_roi_extractor(neck, mask_rois, valid=pv)  # (N*Spos, 14, 14, C), zeros off positives
     masks = batch["gt_masks"]  # (N, G, Hp, Wp)
     g, hp, wp = masks.shape[1:]
-    gt_maps = masks.reshape(n * g, hp, wp, 1).astype(jnp.float32)
+    clipped = jnp.stack([jnp.clip(boxes[..., 0], 0, wp), jnp.clip(boxes[..., 1], 0, hp),
+                         jnp.clip(boxes[..., 2], 0, wp), jnp.clip(boxes[..., 3], 0, hp)], -1)
+    gt_flat = (jnp.arange(n)[:, None] * g + s["gt_idx"][:, :spos]).reshape(-1, 1).astype(clipped.dtype)
+    crops = roi_align(masks.reshape(n * g, hp, wp, 1).astype(jnp.float32),
+                      jnp.concatenate([gt_flat, clipped.reshape(-1, 4)], 1), size, 1.0, 0, True, valid=pv)[..., 0]
+    targets = (crops >= 0.5).astype(roi_feats.dtype)
+    labels = s["labels"][:, :spos]
 
-    def run(k):  # the first k rows of each image
-        boxes, pv = s["rois"][:, :k], pos_valid[:, :k].reshape(-1)
-        roi_feats, logits = rh.mask_forward(neck, bbox2roi(boxes), valid=pv)
-        labels = jnp.clip(s["labels"][:, :k].reshape(-1), 0, logits.shape[-1] - 1)  # other rows: any channel
-        logits = jnp.take_along_axis(logits, labels[:, None, None, None], -1)[..., 0]  # (N*k, 28, 28)
-        clipped = jnp.stack([jnp.clip(boxes[..., 0], 0, wp), jnp.clip(boxes[..., 1], 0, hp),
-                             jnp.clip(boxes[..., 2], 0, wp), jnp.clip(boxes[..., 3], 0, hp)], -1)
-        gt_flat = (jnp.arange(n)[:, None] * g + s["gt_idx"][:, :k]).reshape(-1, 1).astype(clipped.dtype)
-        crops = roi_align(gt_maps, jnp.concatenate([gt_flat, clipped.reshape(-1, 4)], 1), size, 1.0, 0, True,
-                          valid=pv)[..., 0]
-        targets = (crops >= 0.5).astype(logits.dtype)
-        total = (bce_with_logits(logits, targets) * pv[:, None, None].astype(logits.dtype)).sum()
-
-        def pad(a):  # (N*k, ...) -> (N*Spos, ...)
-            a = a.reshape(n, k, *a.shape[1:])
-            return jnp.pad(a, [(0, 0), (0, spos - k)] + [(0, 0)] * (a.ndim - 2)).reshape(n * spos, *a.shape[2:])
-
-        return total, (pad(roi_feats), pad(logits), pad(targets))
+    def run(k):  # the mask head and its loss on the first k rows of each image
+        rows = lambda a: a[:, :k].reshape(n * k, *a.shape[2:])  # noqa: E731  (N, Spos, ...) -> (N*k, ...)
+        per_image = lambda a: a.reshape(n, spos, *a.shape[1:])  # noqa: E731
+        logits = rh.mask_head(rows(per_image(roi_feats)))
+        lab = jnp.clip(rows(labels), 0, logits.shape[-1] - 1)  # non-positive rows: any channel
+        logits = jnp.take_along_axis(logits, lab[:, None, None, None], -1)[..., 0]  # (N*k, 28, 28)
+        w = rows(pos_valid).astype(logits.dtype)[:, None, None]
+        total = (bce_with_logits(logits, rows(per_image(targets))) * w).sum()
+        padded = jnp.pad(logits.reshape(n, k, *logits.shape[1:]), [(0, 0), (0, spos - k), (0, 0), (0, 0)])
+        return total, padded.reshape(n * spos, *logits.shape[1:])
 
     sizes = mask_buckets(spos)
     need = jnp.max(jnp.where(pos_valid, jnp.arange(1, spos + 1), 0))  # rows per image holding every positive
     branch = jnp.minimum(jnp.searchsorted(jnp.asarray(sizes), need), len(sizes) - 1)
-    total, (roi_feats, logits, targets) = jax.lax.switch(branch, [partial(run, k) for k in sizes])
-    num = pos_valid.sum().astype(logits.dtype) * size * size
-    loss = total / jnp.maximum(num, 1.0)
-    stages = dict(mask_rois=bbox2roi(s["rois"][:, :spos]), mask_roi_feats=roi_feats, mask_preds_sel=logits,
-                  mask_targets=targets, mask_valid=pos_valid.reshape(-1))
+    total, logits = jax.lax.switch(branch, [partial(run, k) for k in sizes])
+    loss = total / jnp.maximum(pv.sum().astype(total.dtype) * size * size, 1.0)
+    stages = dict(mask_rois=mask_rois, mask_roi_feats=roi_feats, mask_preds_sel=logits, mask_targets=targets,
+                  mask_valid=pv)
     return rh.mask_head.cfg.loss_mask.loss_weight * loss, stages
 
 
