@@ -41,6 +41,35 @@ def inputs(h, w, n, num_classes):
     return imgs, gts
 
 
+def flaxdet_setup(cfg, ckpt, imgs, gts, dtype):
+    """(TrainState with visdet's SGD, device batch): the checkpoint through the production converter,
+    the images padded as the data pipeline pads them, GT padded to a capacity of max(8, NUM_GT)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flaxdet.models.detectors.two_stage import build_detector
+    from flaxdet.training.forward import own_pad_shape, pad_ground_truth
+    from flaxdet.training.loop import make_optimizer
+    from flaxdet.training.step import TrainState
+    from flaxdet_converters.checkpoint_io import load_checkpoint
+    from flaxdet_converters.convert import load_visdet_state_dict
+
+    model = build_detector(cfg)
+    load_visdet_state_dict(model, load_checkpoint(ckpt).state_dict)
+    tx, _ = make_optimizer("sgd", SGD["lr"], SGD["weight_decay"], steps_per_epoch=1000, warmup_iters=0,
+                           momentum=SGD["momentum"])
+    state = TrainState(model, tx, dtype=dtype)
+    h, w = imgs[0].shape[:2]
+    hp, wp = own_pad_shape((h, w), cfg.data_preprocessor.pad_size_divisor)
+    images = np.zeros((len(imgs), hp, wp, 3), np.uint8)
+    for i, im in enumerate(imgs):
+        images[i, :h, :w] = im
+    batch = dict(images=images, img_shapes=np.array([(h, w)] * len(imgs), np.int32),
+                 pad_shapes=np.array([(hp, wp)] * len(imgs), np.int32))
+    batch.update(pad_ground_truth(gts, max(8, NUM_GT), hp, wp))
+    return state, {k: jnp.asarray(v) for k, v in batch.items()}
+
+
 def worker(spec):
     import numpy as np
 
@@ -84,26 +113,9 @@ def worker(spec):
         import jax
         import jax.numpy as jnp
 
-        from flaxdet.models.detectors.two_stage import build_detector
-        from flaxdet.training.forward import own_pad_shape, pad_ground_truth
-        from flaxdet.training.loop import make_optimizer
         from flaxdet.training.step import TrainState
-        from flaxdet_converters.checkpoint_io import load_checkpoint
-        from flaxdet_converters.convert import load_visdet_state_dict
 
-        model = build_detector(cfg)
-        load_visdet_state_dict(model, load_checkpoint(spec["ckpt"]).state_dict)
-        tx, _ = make_optimizer("sgd", SGD["lr"], SGD["weight_decay"], steps_per_epoch=1000, warmup_iters=0,
-                               momentum=SGD["momentum"])
-        state = TrainState(model, tx, dtype=spec["dtype"])
-        hp, wp = own_pad_shape((h, w), cfg.data_preprocessor.pad_size_divisor)
-        images = np.zeros((len(imgs), hp, wp, 3), np.uint8)
-        for i, im in enumerate(imgs):
-            images[i, :h, :w] = im
-        batch = dict(images=images, img_shapes=np.array([(h, w)] * len(imgs), np.int32),
-                     pad_shapes=np.array([(hp, wp)] * len(imgs), np.int32))
-        batch.update(pad_ground_truth(gts, max(8, NUM_GT), hp, wp))
-        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        state, batch = flaxdet_setup(cfg, spec["ckpt"], imgs, gts, spec["dtype"])
         key = jax.random.PRNGKey(0)
         t = time.perf_counter()
         lowered = TrainState._step.lower(state, state.params, state.opt_state, state.rest, batch, key)

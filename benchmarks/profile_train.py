@@ -1,0 +1,93 @@
+"""Where the training-step time goes: a jax.profiler trace of flaxdet's jitted train step, its XLA ops
+summed by kind, by forward/backward and by area (the RoIAlign calls, the mask-branch bucket switch).
+
+    .venv/bin/python benchmarks/profile_train.py [--preset mask_rcnn_r50] [--size 480x640] [--batch 2]
+        [--dtype float32] [--top 25] [--trace DIR]
+
+Same inputs and weights as bench_train.py. One warm-up step (compiles), then one traced step. Each XLA op
+of the optimised HLO is attributed through its ``op_name`` metadata: ``bwd`` when JAX's autodiff
+transposed it, ``roi_align`` inside ``_roi_align``, ``mask switch`` inside the mask branch's
+``lax.switch`` (``forward.mask_loss``); ``ynn_fusion`` / ``convolution`` / ``dot`` are the convolution
+and matmul kernels. XLA:CPU runs independent ops concurrently, so op times can sum to more than the
+step. Prints the table and writes benchmarks/results/profile_train.json; the raw trace stays in DIR
+(Perfetto / TensorBoard).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import common
+from bench_train import NUM_GT, flaxdet_setup, inputs
+
+
+def categorise(events, hlo_text):
+    """{(kind, fwd/bwd, area): microseconds} of the trace's XLA op events."""
+    op_names = dict(re.findall(r'^\s*(?:ROOT )?%([\w.\-]+) = [^\n]*?op_name="([^"]*)"', hlo_text, re.M))
+    out = collections.Counter()
+    for e in events:
+        name = e.get("name", "")
+        if e.get("ph") != "X" or name.startswith(("ThunkExecutor", "SlinkyThreadPool")) or not re.match(r"[\w.\-]+$", name):
+            continue  # executor bookkeeping and Python-side events
+        op = op_names.get(name, "")
+        kind = re.sub(r"(\.clone)?[.\d]*$", "", name)
+        area = "roi_align" if "_roi_align" in op else ("mask switch" if "cond/branch" in op else "")
+        out[(kind, "bwd" if "transpose(" in op else "fwd", area)] += e.get("dur", 0)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="mask_rcnn_r50")
+    p.add_argument("--size", default="480x640", help="HxW of the network input")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--top", type=int, default=25, help="rows of the printed table")
+    p.add_argument("--trace", help="directory for the raw jax.profiler trace (default: a temporary one)")
+    p.add_argument("--out", help="JSON path (default benchmarks/results/profile_train.json)")
+    a = p.parse_args(argv)
+
+    import jax
+
+    from flaxdet.config import final_bbox_head, load_config
+    from flaxdet.training.step import TrainState
+
+    cfg = load_config(a.preset)
+    h, w = (int(v) for v in a.size.split("x"))
+    tmp = Path(tempfile.mkdtemp(prefix="flaxdet_prof_"))
+    ckpt = common.write_checkpoint(tmp / f"{a.preset}.pth", common.seeded_state_dict(a.preset))
+    imgs, gts = inputs(h, w, a.batch, final_bbox_head(cfg.roi_head).num_classes)
+    state, batch = flaxdet_setup(cfg, ckpt, imgs, gts, a.dtype)
+    key = jax.random.PRNGKey(0)
+    hlo = TrainState._step.lower(state, state.params, state.opt_state, state.rest, batch, key).compile().as_text()
+    jax.block_until_ready(state.train_step(batch, key))  # warm-up (the jit cache is filled)
+    trace = Path(a.trace or tmp / "trace")
+    t = time.perf_counter()
+    with jax.profiler.trace(str(trace), create_perfetto_trace=True):
+        logs = state.train_step(batch, jax.random.fold_in(key, 1))
+        jax.block_until_ready((state.params, logs))
+    step_s = time.perf_counter() - t
+    files = sorted(trace.glob("**/*.trace.json.gz"), key=lambda f: f.stat().st_mtime)
+    events = json.load(gzip.open(files[-1]))
+    cats = categorise(events["traceEvents"] if isinstance(events, dict) else events, hlo)
+    total = sum(cats.values())
+    rows = [dict(kind=k[0], pass_=k[1], area=k[2] or "-", ms=v / 1e3, share=v / max(total, 1))
+            for k, v in cats.most_common()]
+    print(f"traced step (profiler on): {step_s:.2f} s; XLA op time summed: {total / 1e6:.2f} s")
+    print(common.table(rows[: a.top], [("op kind", "kind", ""), ("pass", "pass_", ""), ("area", "area", ""),
+                                        ("ms", "ms", ".0f"), ("share", "share", ".1%")]))
+    out = common.save("profile_train.json", dict(
+        benchmark="profile_train", machine=common.machine(), preset=a.preset, size=a.size, batch=a.batch,
+        dtype=a.dtype, gt_per_image=NUM_GT, traced_step_s=step_s, op_time_s=total / 1e6, trace_dir=str(trace),
+        rows=rows), a.out)
+    print(f"wrote {out}; trace in {trace}")
+
+
+if __name__ == "__main__":
+    main()
