@@ -7,7 +7,8 @@ summed by kind, by forward/backward and by area (the RoIAlign calls, the mask-br
 Same inputs and weights as bench_train.py. One warm-up step (compiles), then one traced step. Each XLA op
 of the optimised HLO is attributed through its ``op_name`` metadata: ``bwd`` when JAX's autodiff
 transposed it, ``roi_align`` inside ``_roi_align``, ``mask switch`` inside the mask branch's
-``lax.switch`` (``forward.mask_loss``); ``ynn_fusion`` / ``convolution`` / ``dot`` are the convolution
+``lax.switch`` (``forward.mask_loss``); control-flow ops (cond, while) are not summed, the ops inside
+them are. ``ynn_fusion`` / ``convolution`` / ``dot`` are the convolution
 and matmul kernels. XLA:CPU runs independent ops concurrently, so op times can sum to more than the
 step. Prints the table and writes benchmarks/results/profile_train.json; the raw trace stays in DIR
 (Perfetto / TensorBoard).
@@ -35,8 +36,10 @@ def categorise(events, hlo_text):
         name = e.get("name", "")
         if e.get("ph") != "X" or name.startswith(("ThunkExecutor", "SlinkyThreadPool")) or not re.match(r"[\w.\-]+$", name):
             continue  # executor bookkeeping and Python-side events
+        kind = re.sub(r"(\.clone|\.\d+)*$", "", name)
+        if kind in ("cond", "while", "call", "conditional"):
+            continue  # control flow: its span holds the ops inside it, counted on their own
         op = op_names.get(name, "")
-        kind = re.sub(r"(\.clone)?[.\d]*$", "", name)
         area = "roi_align" if "_roi_align" in op else ("mask switch" if "cond/branch" in op else "")
         out[(kind, "bwd" if "transpose(" in op else "fwd", area)] += e.get("dur", 0)
     return out
