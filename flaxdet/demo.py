@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -98,6 +99,9 @@ def main():
     before = evaluate(base, val_ann, scale=SCALE, progress=False)
 
     print(f"\n[demo] 5/6 fine-tune {steps} steps in JAX (AdamW, batch 4)")
+    if (out / "run").exists():  # the demo fine-tunes the checkpoint it just converted, every time (a kept
+        shutil.rmtree(out / "run")  # run would be resumed: a finished one trains nothing and logs no loss)
+        print(f"(removed the previous demo run in {out / 'run'})")
     tuned, hist = train(model_dir, train_ann, out / "run", steps=steps, batch_size=4, scale=SCALE, optimizer="adamw",
                         lr=1e-3, warmup_iters=min(30, max(steps // 5, 1)), ckpt_every=max(steps // 3, 1), max_gt=8,
                         progress=True)
