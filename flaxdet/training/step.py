@@ -113,8 +113,7 @@ class TrainState:
         def inner(p):  # frozen parameters are constants here: their gradients are never computed
             return loss_fn(nnx.merge(self.graphdef, stop_frozen(p, self.frozen), rest), batch, key)
 
-        (_, logs), grads = jax.value_and_grad(inner, has_aux=True)(params)
-        grads = apply_frozen(grads, self.frozen)
+        (_, logs), grads = jax.value_and_grad(inner, has_aux=True)(params)  # frozen: exact zeros
         updates, opt_state = self.tx.update(grads, opt_state, params)
         updates = apply_frozen(updates, self.frozen)  # weight decay must not move frozen params either
         return optax.apply_updates(params, updates), opt_state, logs

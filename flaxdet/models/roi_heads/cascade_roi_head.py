@@ -53,8 +53,8 @@ class CascadeRoIHead(nnx.Module):
         cls, reg = self.bbox_head[stage](roi_feats)
         return roi_feats, cls, reg
 
-    def mask_forward(self, stage, feats, rois, valid=None):
-        roi_feats = self.mask_roi_extractor[stage](feats, rois, valid=valid)
+    def mask_forward(self, stage, feats, rois):
+        roi_feats = self.mask_roi_extractor[stage](feats, rois)
         return roi_feats, self.mask_head[stage](roi_feats)
 
     def refine(self, stage, boxes, cls, reg, img_shapes):

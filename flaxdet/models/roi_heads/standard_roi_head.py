@@ -41,8 +41,8 @@ class StandardRoIHead(nnx.Module):
         cls, reg = self.bbox_head(roi_feats)
         return roi_feats, cls, reg
 
-    def mask_forward(self, feats, rois, valid=None):
-        roi_feats = self.mask_roi_extractor(feats, rois, valid=valid)
+    def mask_forward(self, feats, rois):
+        roi_feats = self.mask_roi_extractor(feats, rois)
         return roi_feats, self.mask_head(roi_feats)
 
     def predict_bbox(self, feats, proposals, proposal_valid, img_shapes, scale_factors, rescale):
