@@ -256,17 +256,19 @@ def md_table(rows, cols):
     return "\n".join(out)
 
 
-def dtype_columns(cols, dtypes):
+def dtype_columns(cols, dtypes, compile_fmt=".1f", rss=("RSS pt/fd MB", "/")):
     """``cols`` plus, per flaxdet compute dtype, its median and ratio, then compile times and peak RSS
-    (rows carry ``pytorch``, ``flaxdet[dtype]``, ``ratio[dtype]`` and ``dtypes``)."""
+    (rows carry ``pytorch``, ``flaxdet[dtype]``, ``ratio[dtype]`` and ``dtypes``). ``rss``: (header,
+    separator) of the peak-RSS column."""
     cols = list(cols)
     for dt in dtypes:
         cols += [(f"flaxdet {dt} s", lambda r, dt=dt: r["flaxdet"][dt]["median_s"], ".2f"),
                  (f"ratio {dt}", lambda r, dt=dt: r["ratio"][dt], ".2f")]
-    cols += [(f"compile {dt} s", lambda r, dt=dt: r["flaxdet"][dt]["trace_s"] + r["flaxdet"][dt]["compile_s"], ".1f")
-             for dt in dtypes]
-    cols += [("RSS pt/fd MB", lambda r: f"{r['pytorch']['peak_rss_mb']:.0f}/"
-              + "/".join(f"{r['flaxdet'][dt]['peak_rss_mb']:.0f}" for dt in r["dtypes"]), "")]
+    cols += [(f"compile {dt} s", lambda r, dt=dt: r["flaxdet"][dt]["trace_s"] + r["flaxdet"][dt]["compile_s"],
+              compile_fmt) for dt in dtypes]
+    head, sep = rss
+    cols += [(head, lambda r: f"{r['pytorch']['peak_rss_mb']:.0f}{sep}"
+              + sep.join(f"{r['flaxdet'][dt]['peak_rss_mb']:.0f}" for dt in r["dtypes"]), "")]
     return cols
 
 

@@ -145,17 +145,10 @@ def summary(d):
 
 
 def _infer_cols(dts):
-    cols = [("scenario", "scenario", ""), ("input", "size", ""), ("batch", "batch", "d"),
-            ("dets/img", lambda r: r["pytorch"]["detections"][0], "d"),
-            ("PyTorch s", lambda r: r["pytorch"]["median_s"], ".2f")]
-    for dt in dts:
-        cols += [(f"flaxdet {dt} s", lambda r, dt=dt: r["flaxdet"][dt]["median_s"], ".2f"),
-                 (f"ratio {dt}", lambda r, dt=dt: r["ratio"][dt], ".2f")]
-    cols += [(f"compile {dt} s", lambda r, dt=dt: r["flaxdet"][dt]["trace_s"] + r["flaxdet"][dt]["compile_s"], ".0f")
-             for dt in dts]
-    cols += [("peak RSS MB (PyTorch / flaxdet)", lambda r: f"{r['pytorch']['peak_rss_mb']:.0f} / "
-              + " / ".join(f"{r['flaxdet'][dt]['peak_rss_mb']:.0f}" for dt in r["dtypes"]), "")]
-    return cols
+    return common.dtype_columns([("scenario", "scenario", ""), ("input", "size", ""), ("batch", "batch", "d"),
+                                 ("dets/img", lambda r: r["pytorch"]["detections"][0], "d"),
+                                 ("PyTorch s", lambda r: r["pytorch"]["median_s"], ".2f")],
+                                dts, compile_fmt=".0f", rss=("peak RSS MB (PyTorch / flaxdet)", " / "))
 
 
 def main(argv=None):
