@@ -21,6 +21,7 @@ from flax import nnx
 
 from flaxdet.config import TwoStageDetectorCfg
 from flaxdet.models.detectors.two_stage import TwoStageDetector, build_detector
+from flaxdet.models.roi_heads.standard_roi_head import mask_rows_for_count
 from flaxdet.nn import set_compute_dtype
 
 
@@ -84,14 +85,61 @@ class Detector:
         model = nnx.merge(self.graphdef, state)
         return model.predict(images, img_shapes, scale_factors, canvas_hw, rescale, with_stages)
 
+    @partial(jax.jit, static_argnums=(0, 5))
+    def _predict_boxes(self, state, images, img_shapes, scale_factors, rescale):
+        return nnx.merge(self.graphdef, state).predict_boxes(images, img_shapes, scale_factors, rescale)
+
+    @partial(jax.jit, static_argnums=(0, 5, 6, 7))
+    def _predict_masks(self, state, neck, dets, scale_factors, canvas_hw, rescale, rows):
+        return nnx.merge(self.graphdef, state).roi_head.predict_mask(neck, dets, scale_factors, canvas_hw, rescale,
+                                                                     rows)[0]
+
     def __hash__(self):
         return id(self)
 
+    def compile(self, batch: Batch, rescale=True):
+        """Compile ahead of time what :meth:`predict_batch` runs on ``batch`` (filling the jit caches):
+        the one-jit predict, or for mask models the box jit and the mask jit of the row bucket this
+        batch's detections need (read from one run of the box jit). Returns dict(trace_s, compile_s):
+        tracing + lowering, and XLA compilation, summed over the jits."""
+        import time
+
+        args = (self.state, jnp.asarray(batch.images), jnp.asarray(batch.img_shapes), jnp.asarray(batch.scale_factors))
+        tr = co = 0.0
+
+        def aot(fn, *a):
+            nonlocal tr, co
+            t = time.perf_counter()
+            lowered = fn.lower(self, *a)
+            t1 = time.perf_counter()
+            lowered.compile()
+            tr, co = tr + t1 - t, co + time.perf_counter() - t1
+
+        if not self.model.roi_head.with_mask:
+            aot(Detector._predict, *args, None, rescale, False)
+        else:
+            aot(Detector._predict_boxes, *args, rescale)
+            dets, neck = self._predict_boxes(*args, rescale)
+            rows = mask_rows_for_count(dets["valid"].shape[1], int(jax.device_get(dets["valid"].sum(1).max())))
+            aot(Detector._predict_masks, self.state, neck, dets, args[3], batch.canvas_hw, rescale, rows)
+        return dict(trace_s=tr, compile_s=co)
+
     def predict_batch(self, batch: Batch, rescale=True, with_stages=False):
-        """Device arrays (padded, with ``valid``); see :meth:`detect` for per-image numpy results."""
-        canvas = batch.canvas_hw if self.model.roi_head.with_mask else None
-        return self._predict(self.state, jnp.asarray(batch.images), jnp.asarray(batch.img_shapes),
-                             jnp.asarray(batch.scale_factors), canvas, rescale, with_stages)
+        """Device arrays (padded, with ``valid``); see :meth:`detect` for per-image numpy results.
+
+        Mask models without ``with_stages`` run two jits: boxes, then -- after reading the batch's
+        largest detection count -- the mask branch on the smallest row bucket holding it (a static
+        shape; ``mask_buckets``), none when there are no detections. ``with_stages`` runs one jit
+        (the mask branch picks its bucket in a ``lax.switch``)."""
+        images, shapes, sfs = (jnp.asarray(batch.images), jnp.asarray(batch.img_shapes),
+                               jnp.asarray(batch.scale_factors))
+        if not self.model.roi_head.with_mask or with_stages:
+            canvas = batch.canvas_hw if self.model.roi_head.with_mask else None
+            return self._predict(self.state, images, shapes, sfs, canvas, rescale, with_stages)
+        dets, neck = self._predict_boxes(self.state, images, shapes, sfs, rescale)
+        d = dets["valid"].shape[1]
+        rows = mask_rows_for_count(d, int(jax.device_get(dets["valid"].sum(1).max())))
+        return self._predict_masks(self.state, neck, dets, sfs, batch.canvas_hw, rescale, rows)
 
     def detect(self, images, metas, rescale=True, bucket="exact"):
         """Per image: dict(bboxes (n,4), scores (n,), labels (n,)[, masks (n, h, w) bool]) in numpy,

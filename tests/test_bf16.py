@@ -116,7 +116,8 @@ def _eqns(jaxpr):
 
 def test_policy_bf16_operands_float32_results():
     """Traced (not compiled) tiny R18 forward: each conv/dot takes bf16 operands and yields float32;
-    BN, activations and every other floating op stay float32; parameters stay float32."""
+    BN, activations and every other floating op stay float32 (bf16 operands are only cast, sliced and
+    reshaped on their way in); parameters stay float32."""
     require_goldens()
     model, _ = golden_model("mask_rcnn_tiny_r18")
     n = set_compute_dtype(model, "bfloat16")
@@ -130,7 +131,8 @@ def test_policy_bf16_operands_float32_results():
             heavy += 1
             assert all(v.aval.dtype == jnp.bfloat16 for v in e.invars), e
             assert all(v.aval.dtype == jnp.float32 for v in e.outvars), e
-        elif e.primitive.name != "convert_element_type":
+        elif e.primitive.name not in ("convert_element_type", "reshape", "slice"):  # moves, no arithmetic
+            # (a 1x1 conv is a matmul over its strided, flattened bf16 input: flaxdet.nn._conv1x1)
             other_bf16 += [e.primitive.name for v in e.outvars if getattr(v.aval, "dtype", None) == jnp.bfloat16]
     assert heavy > 20 and not other_bf16, (heavy, other_bf16)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))

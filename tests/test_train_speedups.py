@@ -91,27 +91,82 @@ def replay():
     return model, batch, inject
 
 
-def test_mask_branch_buckets_equal_all_rows(replay, monkeypatch):
+def _loss_and_grads_rows(model, batch, key, inject, rows):
+    """loss_and_grads with the mask branch on ``rows`` rows per image (None: all Spos)."""
+    from flaxdet.training import forward, step
+
+    real = forward.loss_fn
+
+    def with_rows(*a, **k):
+        return real(*a, **k, mask_rows=rows)
+
+    orig = step.loss_fn
+    step.loss_fn = with_rows
+    try:
+        return step.loss_and_grads(model, batch, key, inject, with_stages=True)
+    finally:
+        step.loss_fn = orig
+
+
+def test_mask_branch_rows_equal_all_rows(replay):
+    """The mask branch on the smallest row bucket holding the positives gives the all-rows (Spos)
+    loss, stages and mask-head gradients; with fewer rows the step says it needs more."""
     from flaxdet.training import forward
-    from flaxdet.training.step import loss_and_grads
+    from flaxdet.training.step import mask_row_buckets
 
     model, batch, inject = replay
     key = jax.random.PRNGKey(0)
-    logs, grads, st = loss_and_grads(model, batch, key, inject, with_stages=True)
-    spos = np.asarray(st["mask_valid"]).reshape(2, -1)
-    last = max(int(np.nonzero(r)[0].max()) + 1 for r in spos if r.any())
-    assert last <= forward.mask_buckets(spos.shape[1])[-2]  # a smaller bucket than Spos ran
-    monkeypatch.setattr(forward, "mask_buckets", lambda d: (d,))  # every Spos row, as before buckets
-    logs_all, grads_all, st_all = loss_and_grads(model, batch, key, inject, with_stages=True)
+    logs_all, grads_all, st_all = _loss_and_grads_rows(model, batch, key, inject, None)
+    spos = np.asarray(st_all["mask_valid"]).reshape(2, -1)
+    need = max(int(np.nonzero(r)[0].max()) + 1 for r in spos if r.any())
+    buckets = mask_row_buckets(model)
+    rows = forward.mask_rows_for(spos.shape[1], need)
+    assert rows < buckets[-1], (need, buckets)  # a smaller bucket than Spos holds the positives here
+    logs, grads, st = _loss_and_grads_rows(model, batch, key, inject, rows)
+    assert logs["mask_rows_needed"] == need
     assert logs["loss_mask"] == pytest.approx(logs_all["loss_mask"], rel=1e-6)
     assert logs["loss"] == pytest.approx(logs_all["loss"], rel=1e-6)
-    mv = np.asarray(st["mask_valid"])
+    mv = np.asarray(st_all["mask_valid"])
+    np.testing.assert_array_equal(np.asarray(st["mask_valid"]), mv)
     for name in ("mask_targets", "mask_preds_sel", "mask_roi_feats"):
         np.testing.assert_allclose(np.asarray(st[name])[mv], np.asarray(st_all[name])[mv], rtol=0, atol=1e-5)
     for name in (k for k in grads if k.startswith("roi_head.mask_head")):
         b = grads_all[name]
         assert np.abs(grads[name] - b).max() <= 1e-5 * max(np.abs(b).max(), 1e-12), name
         assert np.abs(b).max() > 0, name  # the mask head is trained by this step
+    # too few rows: the positives past them are left out and the step says so
+    logs_short, _, _ = _loss_and_grads_rows(model, batch, key, inject, need - 1)
+    assert logs_short["mask_rows_needed"] == need
+    assert logs_short["loss_mask"] != pytest.approx(logs_all["loss_mask"], rel=1e-6)
+
+
+def test_train_step_reruns_when_positives_overflow(replay):
+    """TrainState picks its rows from the positives of recent steps; a step whose positives need
+    more rows changes nothing and is re-run with the bucket holding them -- the same update as a
+    step run on all Spos rows."""
+    from flaxdet.training.loop import make_optimizer
+    from flaxdet.training.step import TrainState
+
+    model, batch, _ = replay
+    tx, _ = make_optimizer("sgd", 0.01, 1e-4, steps_per_epoch=10, warmup_iters=0, momentum=0.9)
+    state, ref = TrainState(model, tx), TrainState(model, tx)
+    for s in (state, ref):  # own buffers: the step donates them
+        s.params = jax.tree.map(jnp.array, s.params)
+    assert state.mask_rows() == state.mask_buckets[-1]  # no step yet: every Spos row
+    key = jax.random.PRNGKey(0)
+    ref.train_step(batch, key)  # all rows
+    need = ref.needed_rows[-1]
+    assert need > 2
+    # buckets around the recorded step's positives (the model's own start at Spos/8, above them)
+    state.mask_buckets = (need - 2, need + 1, state.mask_buckets[-1])
+    state.needed_rows = [need - 2]  # as if recent steps had fewer positives
+    assert state.mask_rows() == need - 2
+    logs = state.train_step(batch, key)
+    assert state.reruns == 1 and state.needed_rows[-1] == need and state.last_mask_rows == need + 1
+    assert state.step == 1
+    assert "mask_rows_needed" not in logs
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 def test_frozen_parameters_are_constants_of_the_step(replay):
@@ -121,6 +176,7 @@ def test_frozen_parameters_are_constants_of_the_step(replay):
     model, batch, _ = replay
     tx, _ = make_optimizer("sgd", 0.02, 1e-4, steps_per_epoch=10, warmup_iters=0, momentum=0.9)
     state = TrainState(model, tx)
+    state.params = jax.tree.map(jnp.array, state.params)  # own buffers: the step donates them
     leaves = jax.tree_util.tree_leaves_with_path(state.params)
     before = {".".join(_path_names(p)): np.asarray(v).copy() for p, v in leaves}
     frozen = [".".join(_path_names(p)) for p, _ in leaves if state.frozen(p) == 0.0]

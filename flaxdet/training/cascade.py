@@ -52,11 +52,12 @@ def refine_sampled(bbox_head, s, cls, reg, img_shapes):
     return sg(boxes), s["valid"] & ~(s["is_pos"] & s["is_gt"])
 
 
-def cascade_rcnn_losses(model, neck, proposals, prop_valid, batch, key, inject=None):
-    """Returns (logs ``s{k}.*``, stages (``s{k}.``-prefixed, stage 0 also unprefixed), stage 0's sample)."""
+def cascade_rcnn_losses(model, neck, proposals, prop_valid, batch, key, inject=None, mask_rows=None):
+    """Returns (logs ``s{k}.*``, stages (``s{k}.``-prefixed, stage 0 also unprefixed), stage 0's sample,
+    the mask rows per image the stages needed (``forward.mask_loss``; 0 without masks))."""
     rh = model.roi_head
     keys = jax.random.split(key, rh.num_stages)
-    logs, stages, first = {}, {}, None
+    logs, stages, first, need = {}, {}, None, jnp.zeros((), jnp.int32)
     pb, pv = proposals, prop_valid
     for k in range(rh.num_stages):
         view = StageView(rh, k)
@@ -68,7 +69,8 @@ def cascade_rcnn_losses(model, neck, proposals, prop_valid, batch, key, inject=N
         for name, v in rl.items():
             logs[f"s{k}.{name}"] = v * w if "loss" in name else v
         if rh.with_mask:
-            lm, ms = mask_loss(model, neck, s, batch, rh=view)
+            lm, ms, nk = mask_loss(model, neck, s, batch, rh=view, rows=mask_rows)
+            need = jnp.maximum(need, nk)
             logs[f"s{k}.loss_mask"] = lm * w
             st.update(ms)
         st.update(proposals=pb, proposals_valid=pv, rcnn_assigned=s["assigned"], rcnn_sample_rows=s["inds"],
@@ -79,4 +81,4 @@ def cascade_rcnn_losses(model, neck, proposals, prop_valid, batch, key, inject=N
             stages.update({name: v for name, v in st.items() if not name.startswith(("proposals", "rcnn_is"))})
         if k < rh.num_stages - 1:
             pb, pv = refine_sampled(view.bbox_head, s, st["rcnn_cls_score"], st["rcnn_bbox_pred"], batch["img_shapes"])
-    return logs, stages, first
+    return logs, stages, first, need

@@ -20,7 +20,6 @@ uses ``key``.
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -193,57 +192,70 @@ def rcnn_loss(model, neck, s, batch, rh=None):
                 loss_bbox=head.cfg.loss_bbox.loss_weight * loss_bbox), stages
 
 
-def mask_loss(model, neck, s, batch, rh=None):
+def mask_rows_for(spos, need):
+    """The static mask-branch row count per image for ``need`` rows: the smallest of
+    ``mask_buckets(spos)`` holding them (Spos when none does)."""
+    sizes = mask_buckets(spos)
+    return next((k for k in sizes if k >= need), sizes[-1])
+
+
+def sampler_spos(rh):
+    """Spos: the sampled rows per image that can be positive (``int(num * pos_fraction)``)."""
+    return int(rh.cfg.train_cfg.sampler.num * rh.cfg.train_cfg.sampler.pos_fraction)
+
+
+def mask_loss(model, neck, s, batch, rh=None, rows=None):
     """Positive rows only: the first Spos sampled rows of each image hold its positives (``is_pos``).
 
     visdet runs the mask branch on the positives it has (often a handful per image); at a static
     Spos rows per image the mask head would cost that of Spos every step (4 3x3 convs of 256
     channels at 14x14: ~2.3 s forward for 256 rows on 2 CPU cores, backward twice that). So the
-    RoIAligns (features and GT-mask targets) skip non-positive rows, and the mask head is compiled
-    for ``mask_buckets(Spos)`` rows per image (Spos/8 .. Spos), ``lax.switch`` running the smallest
-    that holds every image's last positive row; rows past it count for nothing (stage arrays are
-    padded back to Spos rows per image)."""
+    RoIAligns (features and GT-mask targets) skip non-positive rows, and the mask head and its loss
+    run on the first ``rows`` rows per image (static; None: all Spos). The caller picks ``rows``
+    from the positives of earlier steps (``TrainState``); returned ``need`` is the rows this step's
+    positives take: with ``need > rows`` the positives past ``rows`` were left out, and the caller
+    must re-run the step with more rows (rows past ``rows`` count for nothing; stage arrays are
+    padded back to Spos rows per image). The row count is a static shape, not a ``lax.switch``:
+    XLA:CPU runs ops inside conditional branches several times slower."""
     rh = model.roi_head if rh is None else rh
-    spos = int(rh.cfg.train_cfg.sampler.num * rh.cfg.train_cfg.sampler.pos_fraction)
+    spos = sampler_spos(rh)
+    k = spos if rows is None else min(int(rows), spos)
     n = s["valid"].shape[0]
     size = rh.cfg.train_cfg.mask_size
     boxes, pos_valid = s["rois"][:, :spos], s["is_pos"][:, :spos]
-    pv = pos_valid.reshape(-1)
-    mask_rois = bbox2roi(boxes)
-    roi_feats = rh.mask_roi_extractor(neck, mask_rois, valid=pv)  # (N*Spos, 14, 14, C), zeros off positives
+    need = jnp.max(jnp.where(pos_valid, jnp.arange(1, spos + 1), 0))  # rows per image holding every positive
+    # only the first k rows per image from here on: the rest would be zeros (RoIAlign's valid mask)
+    boxes_k, pv_k = boxes[:, :k], pos_valid[:, :k]
+    pv = pv_k.reshape(-1)
+    mask_rois = bbox2roi(boxes_k)
+    roi_feats = rh.mask_roi_extractor(neck, mask_rois, valid=pv)  # (N*k, 14, 14, C), zeros off positives
     masks = batch["gt_masks"]  # (N, G, Hp, Wp)
     g, hp, wp = masks.shape[1:]
-    clipped = jnp.stack([jnp.clip(boxes[..., 0], 0, wp), jnp.clip(boxes[..., 1], 0, hp),
-                         jnp.clip(boxes[..., 2], 0, wp), jnp.clip(boxes[..., 3], 0, hp)], -1)
-    gt_flat = (jnp.arange(n)[:, None] * g + s["gt_idx"][:, :spos]).reshape(-1, 1).astype(clipped.dtype)
+    clipped = jnp.stack([jnp.clip(boxes_k[..., 0], 0, wp), jnp.clip(boxes_k[..., 1], 0, hp),
+                         jnp.clip(boxes_k[..., 2], 0, wp), jnp.clip(boxes_k[..., 3], 0, hp)], -1)
+    gt_flat = (jnp.arange(n)[:, None] * g + s["gt_idx"][:, :k]).reshape(-1, 1).astype(clipped.dtype)
     crops = roi_align(masks.reshape(n * g, hp, wp, 1).astype(jnp.float32),
                       jnp.concatenate([gt_flat, clipped.reshape(-1, 4)], 1), size, 1.0, 0, True, valid=pv)[..., 0]
     targets = (crops >= 0.5).astype(roi_feats.dtype)
-    labels = s["labels"][:, :spos]
-
-    def run(k):  # the mask head and its loss on the first k rows of each image
-        rows = lambda a: a[:, :k].reshape(n * k, *a.shape[2:])  # noqa: E731  (N, Spos, ...) -> (N*k, ...)
-        per_image = lambda a: a.reshape(n, spos, *a.shape[1:])  # noqa: E731
-        logits = rh.mask_head(rows(per_image(roi_feats)))
-        lab = jnp.clip(rows(labels), 0, logits.shape[-1] - 1)  # non-positive rows: any channel
-        logits = jnp.take_along_axis(logits, lab[:, None, None, None], -1)[..., 0]  # (N*k, 28, 28)
-        w = rows(pos_valid).astype(logits.dtype)[:, None, None]
-        total = (bce_with_logits(logits, rows(per_image(targets))) * w).sum()
-        padded = jnp.pad(logits.reshape(n, k, *logits.shape[1:]), [(0, 0), (0, spos - k), (0, 0), (0, 0)])
-        return total, padded.reshape(n * spos, *logits.shape[1:])
-
-    sizes = mask_buckets(spos)
-    need = jnp.max(jnp.where(pos_valid, jnp.arange(1, spos + 1), 0))  # rows per image holding every positive
-    branch = jnp.minimum(jnp.searchsorted(jnp.asarray(sizes), need), len(sizes) - 1)
-    total, logits = jax.lax.switch(branch, [partial(run, k) for k in sizes])
+    logits = rh.mask_head(roi_feats)
+    lab = jnp.clip(s["labels"][:, :k].reshape(-1), 0, logits.shape[-1] - 1)  # non-positive rows: any channel
+    logits = jnp.take_along_axis(logits, lab[:, None, None, None], -1)[..., 0]  # (N*k, 28, 28)
+    total = (bce_with_logits(logits, targets) * pv.astype(logits.dtype)[:, None, None]).sum()
     loss = total / jnp.maximum(pv.sum().astype(total.dtype) * size * size, 1.0)
-    stages = dict(mask_rois=mask_rois, mask_roi_feats=roi_feats, mask_preds_sel=logits, mask_targets=targets,
-                  mask_valid=pv)
-    return rh.mask_head.cfg.loss_mask.loss_weight * loss, stages
+
+    def pad(a):  # (N*k, ...) -> (N*Spos, ...), zeros past row k of each image
+        a = a.reshape(n, k, *a.shape[1:])
+        return jnp.pad(a, [(0, 0), (0, spos - k)] + [(0, 0)] * (a.ndim - 2)).reshape(n * spos, *a.shape[2:])
+
+    stages = dict(mask_rois=bbox2roi(boxes), mask_roi_feats=pad(roi_feats), mask_preds_sel=pad(logits),
+                  mask_targets=pad(targets), mask_valid=pad(pv.reshape(-1, 1))[:, 0])
+    return rh.mask_head.cfg.loss_mask.loss_weight * loss, stages, need
 
 
-def loss_fn(model, batch, key, inject=None, with_stages=False):
-    """Total loss and visdet's log dict (loss_rpn_cls, loss_rpn_bbox, loss_cls, acc, loss_bbox, loss_mask, loss)."""
+def loss_fn(model, batch, key, inject=None, with_stages=False, mask_rows=None):
+    """Total loss and visdet's log dict (loss_rpn_cls, loss_rpn_bbox, loss_cls, acc, loss_bbox, loss_mask, loss).
+    ``mask_rows`` (static): the mask branch's rows per image (see :func:`mask_loss`; None: all Spos);
+    when set, the logs also hold ``mask_rows_needed`` (int32, the most any mask branch needed)."""
     x = model.data_preprocessor(batch["images"], batch["img_shapes"])
     bcfg = model.backbone.cfg
     stochastic = any(getattr(bcfg, f, 0) > 0 for f in ("drop_path_rate", "drop_rate", "attn_drop_rate"))
@@ -262,17 +274,20 @@ def loss_fn(model, batch, key, inject=None, with_stages=False):
     if getattr(model.roi_head, "num_stages", None) is not None:  # Cascade R-CNN: s{k}.* losses per stage
         from flaxdet.training.cascade import cascade_rcnn_losses
 
-        rl, stages, s = cascade_rcnn_losses(model, neck, pb, pv, batch, k2, inject)
+        rl, stages, s, need = cascade_rcnn_losses(model, neck, pb, pv, batch, k2, inject, mask_rows)
         logs.update(rl)
     else:
         s = rcnn_sample(model, pb, pv, batch, k2, inject)
         rl, stages = rcnn_loss(model, neck, s, batch)
         logs.update(rl)
+        need = jnp.zeros((), jnp.int32)
         if model.roi_head.with_mask:
-            logs["loss_mask"], ms = mask_loss(model, neck, s, batch)
+            logs["loss_mask"], ms, need = mask_loss(model, neck, s, batch, rows=mask_rows)
             stages.update(ms)
     total = sum(v for k, v in logs.items() if "loss" in k)
     logs["loss"] = total
+    if mask_rows is not None:
+        logs["mask_rows_needed"] = need.astype(jnp.int32)
     if with_stages:
         stages.update(train_proposals_boxes=pb, train_proposals_scores=ps, train_proposals_valid=pv,
                       rpn_per_level_cls=jnp.stack(per_cls), rpn_per_level_bbox=jnp.stack(per_reg),

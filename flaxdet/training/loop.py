@@ -162,6 +162,7 @@ def train(model_dir, ann_file, out_dir, img_dir=None, steps=100, batch_size=2, s
         restored = mgr.restore(start, args=ocp.args.StandardRestore(target))
         state.params, state.opt_state = restored["params"], restored["opt_state"]
         state.step = start
+        state.needed_rows = _recent_mask_rows(out / "metrics.jsonl", start, state.MASK_ROWS_WINDOW)
         log(f"resumed from step {start} ({out / 'checkpoints'})")
     metrics_path = out / "metrics.jsonl"
     if start == 0 and metrics_path.exists():
@@ -180,6 +181,8 @@ def train(model_dir, ann_file, out_dir, img_dir=None, steps=100, batch_size=2, s
             now = time.perf_counter()
             rec = dict(step=step + 1, epoch=epoch, lr=float(sched(step)), **logs,
                        images_per_s=batch_size / max(now - t_last, 1e-9))
+            if state.last_mask_rows is not None:  # the mask branch's row bucket (see TrainState.train_step)
+                rec.update(mask_rows=state.last_mask_rows, mask_rows_needed=state.needed_rows[-1])
             t_last = now
             history.append(rec)
             mf.write(json.dumps(rec) + "\n")
@@ -195,6 +198,8 @@ def train(model_dir, ann_file, out_dir, img_dir=None, steps=100, batch_size=2, s
                 mgr.wait_until_finished()
     bar.close()
     mgr.close()
+    if state.reruns:
+        log(f"{state.reruns} step(s) re-run: their positives needed more mask rows than recent steps had")
     final = state.model()
     if state.step >= steps:
         save_model_dir(out / "model", final, ds.classes, dict(trained_steps=state.step, source=str(model_dir)),
@@ -202,6 +207,22 @@ def train(model_dir, ann_file, out_dir, img_dir=None, steps=100, batch_size=2, s
         if plot and history:
             plot_losses(metrics_path, out / "loss_curve.png")
     return final, history
+
+
+def _recent_mask_rows(metrics_path, upto, window):
+    """The mask rows the last ``window`` steps up to ``upto`` needed, from the run's metrics: a resumed
+    run picks the mask branch's rows as the uninterrupted one did (same shapes, same floats)."""
+    if not Path(metrics_path).exists():
+        return []
+    by_step = {}
+    for line in Path(metrics_path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut short by the kill
+            continue
+        if isinstance(rec, dict) and "mask_rows_needed" in rec and rec.get("step", upto + 1) <= upto:
+            by_step[rec["step"]] = int(rec["mask_rows_needed"])
+    return [by_step[k] for k in sorted(by_step)][-window:]
 
 
 def plot_losses(metrics_path, png):

@@ -2,8 +2,8 @@
 
 Parameters are split from the rest of the model state (BN running statistics, counters): visdet
 trains with ``norm_eval=True`` (BN always uses running stats, never updates them), so only
-``nnx.Param`` leaves are differentiated. ``frozen_stages`` parameters get no update (their
-gradients are zeroed through ``optax.masked``-style multiplication by a static mask).
+``nnx.Param`` leaves are differentiated. ``frozen_stages`` parameters are constants of the step
+(``stop_gradient``) and their updates are zeroed (weight decay).
 """
 from __future__ import annotations
 
@@ -14,7 +14,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flaxdet.training.forward import loss_fn
+from flaxdet.training.forward import loss_fn, mask_buckets, sampler_spos
+
+
+def mask_row_buckets(model):
+    """The mask branch's static row counts per image (``mask_buckets(Spos)``, Spos the largest over
+    Cascade stages), or None for models without masks."""
+    rh = model.roi_head
+    if not getattr(rh, "with_mask", False):
+        return None
+    if getattr(rh, "num_stages", None) is not None:
+        from flaxdet.training.cascade import StageView
+
+        return mask_buckets(max(sampler_spos(StageView(rh, k)) for k in range(rh.num_stages)))
+    return mask_buckets(sampler_spos(rh))
 
 
 def split(model):
@@ -92,6 +105,8 @@ class TrainState:
     layers cast their float32 weights to the compute dtype inside the step, so the gradient of that
     cast returns float32 gradients (bf16 products, float32 accumulation)."""
 
+    MASK_ROWS_WINDOW = 10  # steps of positives the mask branch's row bucket is chosen from
+
     def __init__(self, model, tx, step=0, dtype=None):
         if dtype is not None:
             from flaxdet.nn import set_compute_dtype
@@ -102,26 +117,64 @@ class TrainState:
         self.tx = tx
         self.opt_state = tx.init(self.params)
         self.step = step
+        self.mask_buckets = mask_row_buckets(model)  # None: no mask branch
+        self.needed_rows = []  # mask rows per image the recent steps' positives took
+        self.reruns = 0  # steps re-run because their positives overflowed the chosen rows
+        self.last_mask_rows = None  # the rows the last step's mask branch ran on
 
+    def mask_rows(self):
+        """The static mask-branch rows per image for the next step: the smallest bucket holding the
+        positives of the last ``MASK_ROWS_WINDOW`` steps (the largest, Spos, before any step)."""
+        if self.mask_buckets is None:
+            return None
+        need = max(self.needed_rows[-self.MASK_ROWS_WINDOW:], default=self.mask_buckets[-1])
+        return next((k for k in self.mask_buckets if k >= need), self.mask_buckets[-1])
     def model(self):
         return nnx.merge(self.graphdef, self.params, self.rest)
 
-    @partial(jax.jit, static_argnums=0, donate_argnums=(1, 2))
-    def _step(self, params, opt_state, rest, batch, key):
+    @partial(jax.jit, static_argnums=(0, 6), donate_argnums=(1, 2))
+    def _step(self, params, opt_state, rest, batch, key, mask_rows=None):
+        """One update. With ``mask_rows`` set and more rows needed by this step's positives
+        (``logs["mask_rows_needed"] > mask_rows``) the step is void: params and optimizer state come
+        back unchanged, for the caller to re-run it with more rows."""
         import optax
 
         def inner(p):  # frozen parameters are constants here: their gradients are never computed
-            return loss_fn(nnx.merge(self.graphdef, stop_frozen(p, self.frozen), rest), batch, key)
+            return loss_fn(nnx.merge(self.graphdef, stop_frozen(p, self.frozen), rest), batch, key,
+                           mask_rows=mask_rows)
 
         (_, logs), grads = jax.value_and_grad(inner, has_aux=True)(params)  # frozen: exact zeros
-        updates, opt_state = self.tx.update(grads, opt_state, params)
+        updates, new_opt = self.tx.update(grads, opt_state, params)
         updates = apply_frozen(updates, self.frozen)  # weight decay must not move frozen params either
-        return optax.apply_updates(params, updates), opt_state, logs
+        new_params = optax.apply_updates(params, updates)
+        if mask_rows is not None:
+            ok = logs["mask_rows_needed"] <= mask_rows
+            keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+            new_params, new_opt = jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt, opt_state)
+        return new_params, new_opt, logs
+
+    def lower(self, batch, key):
+        """The step's ``jax.stages.Lowered`` for the rows :meth:`train_step` would use next."""
+        return TrainState._step.lower(self, self.params, self.opt_state, self.rest, batch, key, self.mask_rows())
 
     def __hash__(self):
         return id(self)
 
     def train_step(self, batch, key):
-        self.params, self.opt_state, logs = self._step(self.params, self.opt_state, self.rest, batch, key)
+        """One step (logs as device arrays). Mask models: the mask branch runs on :meth:`mask_rows`
+        rows per image, a static shape (one compile per bucket, at most four); a step whose positives
+        need more is re-run with the bucket holding them (it changed nothing: see ``_step``)."""
+        rows = self.mask_rows()
+        while True:
+            self.params, self.opt_state, logs = self._step(self.params, self.opt_state, self.rest, batch, key, rows)
+            if rows is None:
+                break
+            need = int(logs.pop("mask_rows_needed"))
+            if need <= rows:
+                self.needed_rows = (self.needed_rows + [need])[-self.MASK_ROWS_WINDOW:]
+                self.last_mask_rows = rows
+                break
+            self.reruns += 1
+            rows = next(k for k in self.mask_buckets if k >= need)
         self.step += 1
         return logs

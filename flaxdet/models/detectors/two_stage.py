@@ -58,8 +58,17 @@ class TwoStageDetector(nnx.Module):
         stages.update(head_stages)
         return (dets, stages) if with_stages else dets
 
-    def predict_heads(self, neck, img_shapes, scale_factors, canvas_hw=None, rescale=True, proposals=None):
-        """RPN (unless ``proposals=(bboxes (N,P,4), valid (N,P))``) + RoI head on FPN features."""
+    def predict_boxes(self, images, img_shapes, scale_factors, rescale=True):
+        """The detections before the mask branch and the FPN features it needs: (dets, neck). Boxes
+        are in the network input's frame when the model has masks (``predict_mask`` rescales them)."""
+        _, neck = self.extract_feat(self.data_preprocessor(images, img_shapes))
+        dets, _ = self.predict_heads(neck, img_shapes, scale_factors, rescale=rescale, masks=False)
+        return dets, neck
+
+    def predict_heads(self, neck, img_shapes, scale_factors, canvas_hw=None, rescale=True, proposals=None,
+                      masks=True):
+        """RPN (unless ``proposals=(bboxes (N,P,4), valid (N,P))``) + RoI head on FPN features
+        (``masks=False``: without the mask branch)."""
         stages = {}
         if proposals is None:
             cls, reg = self.rpn_head(neck)
@@ -72,7 +81,7 @@ class TwoStageDetector(nnx.Module):
             boxes, valid = proposals
         dets, s = self.roi_head.predict_bbox(neck, boxes, valid, img_shapes, scale_factors, rescale)
         stages.update(s)
-        if self.roi_head.with_mask:
+        if self.roi_head.with_mask and masks:
             if canvas_hw is None:
                 raise ValueError("Mask R-CNN predict needs canvas_hw (the static mask canvas size)")
             dets, s = self.roi_head.predict_mask(neck, dets, scale_factors, canvas_hw, rescale)

@@ -19,7 +19,7 @@ from flax import nnx
 from flaxdet.config import CascadeRoIHeadCfg
 from flaxdet.models.roi_heads.mask_heads.fcn_mask_head import FCNMaskHead
 from flaxdet.models.roi_heads.roi_extractors.single_level_roi_extractor import SingleRoIExtractor
-from flaxdet.models.roi_heads.standard_roi_head import BBOX_HEADS, bbox2roi, mask_buckets
+from flaxdet.models.roi_heads.standard_roi_head import BBOX_HEADS, bbox2roi, run_mask_rows
 from flaxdet.ops.boxes import decode_deltas
 
 
@@ -91,14 +91,14 @@ class CascadeRoIHead(nnx.Module):
                                                      reg.reshape(n, p, -1), img_shapes, scale_factors)
         return dict(bboxes=boxes, scores=scores, labels=labels, valid=valid), stages
 
-    def predict_mask(self, feats, dets, scale_factors, canvas_hw, rescale=True):
-        """As ``StandardRoIHead.predict_mask`` (invalid rows skipped, mask heads + paste compiled for
-        ``mask_buckets(D)`` row counts), with every stage's mask head and their probabilities averaged.
+    def predict_mask(self, feats, dets, scale_factors, canvas_hw, rescale=True, rows=None):
+        """As ``StandardRoIHead.predict_mask`` (invalid rows skipped, mask heads + paste on ``rows``
+        rows per image, or a ``lax.switch`` over ``mask_buckets(D)`` with ``rows=None``), with every
+        stage's mask head and their probabilities averaged.
         RoI features are computed once per distinct extractor config (visdet's per-stage instances of
         one config give the same features)."""
         n, d, _ = dets["bboxes"].shape
         thr = self.cfg.test_cfg.mask_thr_binary
-        sizes = mask_buckets(d)
         rois, rvalid = bbox2roi(dets["bboxes"]), dets["valid"].reshape(-1)
         by_cfg, roi_feats = {}, []
         for s in range(self.num_stages):
@@ -128,11 +128,7 @@ class CascadeRoIHead(nnx.Module):
                                         dets["labels"][:, :k], scale_factors)
             return pad(masks), pad(boxes), tuple(pad(lg, False) for lg in logits), pad(probs, False)
 
-        shapes = jax.eval_shape(lambda: run(sizes[0]))
-        none = lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)  # noqa: E731
-        count = dets["valid"].sum(1).max()
-        branch = jnp.where(count > 0, 1 + jnp.searchsorted(jnp.asarray(sizes), count), 0)
-        masks, boxes, logits, probs = jax.lax.switch(branch, [none] + [partial(run, k) for k in sizes])
+        masks, boxes, logits, probs = run_mask_rows(run, d, dets["valid"], rows)
         masks = masks & dets["valid"][:, :, None, None]
         out = dict(dets, bboxes=jnp.where(dets["valid"][..., None], boxes, 0), masks=masks)
         stages = {"mask_roi_extractor": roi_feats[0], "mask_head.mask_preds": logits[0], "cascade.mask_probs": probs}
