@@ -1,13 +1,13 @@
 """Where the training-step time goes: a jax.profiler trace of flaxdet's jitted train step, its XLA ops
-summed by kind, by forward/backward and by area (the RoIAlign calls, the mask-branch bucket switch).
+summed by kind, by forward/backward and by area (the RoIAlign calls, other conditional branches).
 
     .venv/bin/python benchmarks/profile_train.py [--preset mask_rcnn_r50] [--size 480x640] [--batch 2]
         [--dtype float32] [--top 25] [--trace DIR]
 
-Same inputs and weights as bench_train.py. One warm-up step (compiles), then one traced step. Each XLA op
-of the optimised HLO is attributed through its ``op_name`` metadata: ``bwd`` when JAX's autodiff
-transposed it, ``roi_align`` inside ``_roi_align``, ``mask switch`` inside the mask branch's
-``lax.switch`` (``forward.mask_loss``); control-flow ops (cond, while) are not summed, the ops inside
+Same inputs and weights as bench_train.py. One warm-up step (compiles; its positives pick the mask
+branch's row bucket), then one traced step. Each XLA op of the optimised HLO is attributed through its
+``op_name`` metadata: ``bwd`` when JAX's autodiff transposed it, ``roi_align`` inside ``_roi_align``,
+``cond branch`` inside any other ``lax.cond``/``lax.switch`` branch; control-flow ops (cond, while) are not summed, the ops inside
 them are. ``ynn_fusion`` / ``convolution`` / ``dot`` are the convolution
 and matmul kernels. XLA:CPU runs independent ops concurrently, so op times can sum to more than the
 step. Prints the table and writes benchmarks/results/profile_train.json; the raw trace stays in DIR
@@ -40,7 +40,7 @@ def categorise(events, hlo_text):
         if kind in ("cond", "while", "call", "conditional"):
             continue  # control flow: its span holds the ops inside it, counted on their own
         op = op_names.get(name, "")
-        area = "roi_align" if "_roi_align" in op else ("mask switch" if "cond/branch" in op else "")
+        area = "roi_align" if "_roi_align" in op else ("cond branch" if "cond/branch" in op else "")
         out[(kind, "bwd" if "transpose(" in op else "fwd", area)] += e.get("dur", 0)
     return out
 
@@ -59,7 +59,6 @@ def main(argv=None):
     import jax
 
     from flaxdet.config import final_bbox_head, load_config
-    from flaxdet.training.step import TrainState
 
     cfg = load_config(a.preset)
     h, w = (int(v) for v in a.size.split("x"))
@@ -68,8 +67,9 @@ def main(argv=None):
     imgs, gts = inputs(h, w, a.batch, final_bbox_head(cfg.roi_head).num_classes)
     state, batch = flaxdet_setup(cfg, ckpt, imgs, gts, a.dtype)
     key = jax.random.PRNGKey(0)
-    hlo = TrainState._step.lower(state, state.params, state.opt_state, state.rest, batch, key).compile().as_text()
-    jax.block_until_ready(state.train_step(batch, key))  # warm-up (the jit cache is filled)
+    jax.block_until_ready(state.train_step(batch, key))  # warm-up: its positives pick the mask rows
+    hlo = state.lower(batch, key).compile().as_text()
+    jax.block_until_ready(state.train_step(batch, key))  # (the jit cache holds that bucket now)
     trace = Path(a.trace or tmp / "trace")
     t = time.perf_counter()
     with jax.profiler.trace(str(trace), create_perfetto_trace=True):

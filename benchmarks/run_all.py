@@ -108,7 +108,9 @@ def summary(d):
         dts = rows[0]["dtypes"]
         lines += ["## Training step (Mask R-CNN R50-FPN, SGD)", "",
                   f"One step (forward, losses, backward, SGD update) at batch {rows[0]['batch']}, "
-                  f"{data['train']['gt_per_image']} GT per image; median of {data['train']['repeats']} after a warm-up step.", ""]
+                  f"{data['train']['gt_per_image']} GT per image; median of {data['train']['repeats']} after a warm-up step. "
+                  "flaxdet compiles the step once per mask-branch row bucket: compile = the first step's "
+                  "(Spos rows), then the bucket the positives pick (compile_bucket_s in the JSON).", ""]
         cols = [("size", "size", ""), ("batch", "batch", "d"), ("PyTorch s", lambda r: r["pytorch"]["median_s"], ".2f")]
         for dt in dts:
             cols += [(f"flaxdet {dt} s", lambda r, dt=dt: r["flaxdet"][dt]["median_s"], ".2f"),
@@ -119,8 +121,10 @@ def summary(d):
         lines += [common.md_table(rows, cols), ""]
         r = rows[0]
         budget.append(f"training step {r['size']} batch {r['batch']}: " + _ratios(r, BUDGETS["train_ratio"]))
-        comp = max(r["flaxdet"][dt]["trace_s"] + r["flaxdet"][dt]["compile_s"] for dt in dts)
-        budget.append(f"compile of the train step: max {comp:.0f} s (target < {BUDGETS['compile_s']:.0f} s): "
+        comp = max(max(r["flaxdet"][dt]["trace_s"] + r["flaxdet"][dt]["compile_s"],
+                       r["flaxdet"][dt].get("compile_bucket_s", 0.0)) for dt in dts)  # + the mask-rows bucket
+        budget.append(f"compile of the train step (per mask-rows bucket): max {comp:.0f} s "
+                      f"(target < {BUDGETS['compile_s']:.0f} s): "
                       f"{'met' if comp < BUDGETS['compile_s'] else 'NOT met'}")
     if data["convert"]:
         r = data["convert"]["results"][0]

@@ -160,6 +160,7 @@ def test_train_step_reruns_when_positives_overflow(replay):
     # buckets around the recorded step's positives (the model's own start at Spos/8, above them)
     state.mask_buckets = (need - 2, need + 1, state.mask_buckets[-1])
     state.needed_rows = [need - 2]  # as if recent steps had fewer positives
+    state.MASK_ROWS_HEADROOM = 1.0
     assert state.mask_rows() == need - 2
     logs = state.train_step(batch, key)
     assert state.reruns == 1 and state.needed_rows[-1] == need and state.last_mask_rows == need + 1

@@ -7,6 +7,7 @@ trains with ``norm_eval=True`` (BN always uses running stats, never updates them
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
@@ -106,6 +107,7 @@ class TrainState:
     cast returns float32 gradients (bf16 products, float32 accumulation)."""
 
     MASK_ROWS_WINDOW = 10  # steps of positives the mask branch's row bucket is chosen from
+    MASK_ROWS_HEADROOM = 1.25  # a margin over them: a re-run costs a step (and a compile, the first time)
 
     def __init__(self, model, tx, step=0, dtype=None):
         if dtype is not None:
@@ -123,11 +125,14 @@ class TrainState:
         self.last_mask_rows = None  # the rows the last step's mask branch ran on
 
     def mask_rows(self):
-        """The static mask-branch rows per image for the next step: the smallest bucket holding the
-        positives of the last ``MASK_ROWS_WINDOW`` steps (the largest, Spos, before any step)."""
+        """The static mask-branch rows per image for the next step: the smallest bucket holding
+        ``MASK_ROWS_HEADROOM`` times the most positive rows of the last ``MASK_ROWS_WINDOW`` steps (the
+        largest, Spos, before any step)."""
         if self.mask_buckets is None:
             return None
-        need = max(self.needed_rows[-self.MASK_ROWS_WINDOW:], default=self.mask_buckets[-1])
+        if not self.needed_rows:
+            return self.mask_buckets[-1]
+        need = math.ceil(max(self.needed_rows[-self.MASK_ROWS_WINDOW:]) * self.MASK_ROWS_HEADROOM)
         return next((k for k in self.mask_buckets if k >= need), self.mask_buckets[-1])
     def model(self):
         return nnx.merge(self.graphdef, self.params, self.rest)
