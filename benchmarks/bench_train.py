@@ -116,12 +116,13 @@ def worker(spec):
         state, batch = flaxdet_setup(cfg, spec["ckpt"], imgs, gts, spec["dtype"])
         key = jax.random.PRNGKey(0)
         t = time.perf_counter()
-        lowered = state.lower(batch, key)  # the first step's mask rows: Spos, before any positives are seen
+        lowered = state.lower(batch, key)  # the first step's mask rows: the smallest bucket
         t1 = time.perf_counter()
         lowered.compile()  # fills the jit cache: train_step below does not compile again
         out.update(trace_s=t1 - t, compile_s=time.perf_counter() - t1, device=str(jax.devices()[0]))
-        # one step shows the positives; later steps run the mask branch on the bucket holding them
-        # (TrainState.mask_rows): compiled here too, outside the timed steps
+        # one step shows the positives (re-run, and compiled, with a bigger bucket when they overflow);
+        # later steps run the mask branch on the bucket holding them (TrainState.mask_rows): compiled
+        # here too, outside the timed steps
         jax.block_until_ready(state.train_step(batch, jax.random.fold_in(key, 10**6)))
         if state.mask_rows() != state.last_mask_rows:
             t = time.perf_counter()

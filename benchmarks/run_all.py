@@ -110,7 +110,7 @@ def summary(d):
                   f"One step (forward, losses, backward, SGD update) at batch {rows[0]['batch']}, "
                   f"{data['train']['gt_per_image']} GT per image; median of {data['train']['repeats']} after a warm-up step. "
                   "flaxdet compiles the step once per mask-branch row bucket: compile = the first step's "
-                  "(Spos rows), then the bucket the positives pick (compile_bucket_s in the JSON).", ""]
+                  "(the smallest bucket), then any bucket the positives pick (compile_bucket_s in the JSON).", ""]
         cols = [("size", "size", ""), ("batch", "batch", "d"), ("PyTorch s", lambda r: r["pytorch"]["median_s"], ".2f")]
         for dt in dts:
             cols += [(f"flaxdet {dt} s", lambda r, dt=dt: r["flaxdet"][dt]["median_s"], ".2f"),

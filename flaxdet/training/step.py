@@ -127,12 +127,15 @@ class TrainState:
     def mask_rows(self):
         """The static mask-branch rows per image for the next step: the smallest bucket holding
         ``MASK_ROWS_HEADROOM`` times the most positive rows of the last ``MASK_ROWS_WINDOW`` steps (the
-        largest, Spos, before any step)."""
+        smallest before any step: few positives then need one compile, many positives a re-run)."""
         if self.mask_buckets is None:
             return None
         if not self.needed_rows:
-            return self.mask_buckets[-1]
-        need = math.ceil(max(self.needed_rows[-self.MASK_ROWS_WINDOW:]) * self.MASK_ROWS_HEADROOM)
+            return self.mask_buckets[0]
+        return self._bucket(max(self.needed_rows[-self.MASK_ROWS_WINDOW:]))
+
+    def _bucket(self, need):
+        need = math.ceil(need * self.MASK_ROWS_HEADROOM)
         return next((k for k in self.mask_buckets if k >= need), self.mask_buckets[-1])
     def model(self):
         return nnx.merge(self.graphdef, self.params, self.rest)
@@ -180,6 +183,6 @@ class TrainState:
                 self.last_mask_rows = rows
                 break
             self.reruns += 1
-            rows = next(k for k in self.mask_buckets if k >= need)
+            rows = self._bucket(need)
         self.step += 1
         return logs
