@@ -5,7 +5,8 @@
 - ``forward.mask_loss``: the mask branch on the smallest row bucket holding the positives gives the
   loss and gradients of the full Spos rows (visdet's recorded tiny-R18 training step, its samples
   replayed).
-- ``TrainState``: frozen parameters (``frozen_stages``) are constants of the step.
+- ``TrainState``: a step whose positives overflow its mask rows is void and re-run (the all-rows
+  update); frozen parameters (``frozen_stages``) are constants of the step.
 """
 from __future__ import annotations
 
@@ -137,15 +138,35 @@ def test_mask_branch_rows_equal_all_rows(replay):
         assert np.abs(b).max() > 0, name  # the mask head is trained by this step
 
 
-def test_train_step_reruns_when_positives_overflow(replay):
+def _small_batch(h=128, w=160, n=2, k=3, seed=0):
+    """n random images with k box-shaped GT masks each (labels 0..2), as the train loader pads them."""
+    from flaxdet.training.forward import pad_ground_truth
+
+    rng = np.random.default_rng(seed)
+    gts = []
+    for _ in range(n):
+        x1, y1 = rng.uniform(0, w - 80, k), rng.uniform(0, h - 60, k)
+        boxes = np.stack([x1, y1, x1 + rng.uniform(20, 70, k), y1 + rng.uniform(20, 60, k)], 1).astype(np.float32)
+        masks = np.zeros((k, h, w), np.uint8)
+        for j, (a, b, c, d) in enumerate(boxes.astype(int)):
+            masks[j, b:d, a:c] = 1
+        gts.append(dict(bboxes=boxes, labels=np.arange(k) % 3, masks=masks))
+    batch = dict(images=rng.integers(0, 255, (n, h, w, 3), dtype=np.uint8), img_shapes=np.array([(h, w)] * n, np.int32),
+                 pad_shapes=np.array([(h, w)] * n, np.int32))
+    batch.update(pad_ground_truth(gts, 8, h, w))
+    return {key: jnp.asarray(v) for key, v in batch.items()}
+
+
+def test_train_step_reruns_when_positives_overflow_and_freezes(replay):
     """TrainState picks its rows from the positives of recent steps; a step whose positives need
     more rows changes nothing and is re-run with the bucket holding them -- the same update as a
-    step run on all Spos rows."""
+    step run on all Spos rows. Frozen parameters (``frozen_stages``) stay put, the rest move."""
     from flaxdet.training.loop import make_optimizer
-    from flaxdet.training.step import TrainState
+    from flaxdet.training.step import TrainState, _path_names
 
-    model, batch, _ = replay
-    tx, _ = make_optimizer("sgd", 0.01, 1e-4, steps_per_epoch=10, warmup_iters=0, momentum=0.9)
+    model = replay[0]
+    batch = _small_batch()
+    tx, _ = make_optimizer("sgd", 0.02, 1e-4, steps_per_epoch=10, warmup_iters=0, momentum=0.9)
     state = TrainState(model, tx)
     assert state.mask_rows() == state.mask_buckets[0]  # no step yet: the smallest bucket
     spos = state.mask_buckets[-1]
@@ -158,6 +179,14 @@ def test_train_step_reruns_when_positives_overflow(replay):
     ref = jax.tree.map(np.asarray, state.params)
     need = state.needed_rows[-1]
     assert 2 < need < spos and state.reruns == 0
+    names = lambda tree: {".".join(_path_names(p)): np.asarray(v)  # noqa: E731
+                          for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+    before, after = names(params0), names(ref)
+    frozen = [".".join(_path_names(p)) for p, _ in jax.tree_util.tree_leaves_with_path(params0) if state.frozen(p) == 0.0]
+    assert frozen and any(k.startswith("backbone.conv1") for k in frozen)
+    assert all(np.array_equal(before[k], after[k]) for k in frozen)
+    moved = [k for k in before if k not in frozen and not np.array_equal(before[k], after[k])]
+    assert any(k.startswith("backbone.layer4") for k in moved) and any(k.startswith("roi_head.mask_head") for k in moved)
     # from the same start, with buckets around the positives, as if recent steps had fewer of them
     state.params, state.opt_state, state.step = jax.tree.map(jnp.array, params0), opt0, 0
     state.mask_buckets, state.needed_rows, state.MASK_ROWS_HEADROOM = (need - 2, spos), [need - 2], 1.0
@@ -169,20 +198,24 @@ def test_train_step_reruns_when_positives_overflow(replay):
         np.testing.assert_array_equal(np.asarray(a), b)
 
 
-def test_frozen_parameters_are_constants_of_the_step(replay):
+@pytest.mark.slow
+def test_cascade_train_step_picks_mask_rows():
+    """A Cascade Mask R-CNN (every stage a mask branch) trains through the row buckets: the buckets
+    come from the stages' Spos, the positives of all stages pick the next step's, the update is finite."""
+    from flaxdet.models.detectors.two_stage import build_detector
     from flaxdet.training.loop import make_optimizer
-    from flaxdet.training.step import TrainState, _path_names
+    from flaxdet.training.step import TrainState
+    from parity_tests.test_cascade import small_cascade_cfg
 
-    model, batch, _ = replay
-    tx, _ = make_optimizer("sgd", 0.02, 1e-4, steps_per_epoch=10, warmup_iters=0, momentum=0.9)
+    model = build_detector(small_cascade_cfg(mask=True, classes=5))
+    tx, _ = make_optimizer("sgd", 0.01, 1e-4, steps_per_epoch=10, warmup_iters=0, momentum=0.9)
     state = TrainState(model, tx)
-    state.params = jax.tree.map(jnp.array, state.params)  # own buffers: the step donates them
-    leaves = jax.tree_util.tree_leaves_with_path(state.params)
-    before = {".".join(_path_names(p)): np.asarray(v).copy() for p, v in leaves}
-    frozen = [".".join(_path_names(p)) for p, _ in leaves if state.frozen(p) == 0.0]
-    state.train_step(batch, jax.random.PRNGKey(0))
-    after = {".".join(_path_names(p)): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(state.params)}
-    assert frozen and any(k.startswith("backbone.conv1") for k in frozen)
-    assert all(np.array_equal(before[k], after[k]) for k in frozen)
-    moved = [k for k in before if k not in frozen and not np.array_equal(before[k], after[k])]
-    assert any(k.startswith("backbone.layer4") for k in moved) and any(k.startswith("roi_head.mask_head") for k in moved)
+    assert state.mask_buckets[-1] == max(
+        int(c.sampler.num * c.sampler.pos_fraction) for c in model.roi_head.cfg.train_cfg)
+    batch = _small_batch()
+    logs = state.train_step(batch, jax.random.PRNGKey(0))
+    assert all(np.isfinite(float(v)) for v in logs.values()) and "s2.loss_mask" in logs
+    need = state.needed_rows[-1]
+    assert 3 <= need <= state.mask_buckets[-1]  # at least the GT boxes (proposals) are positives
+    assert state.mask_rows() == next(k for k in state.mask_buckets if k >= need)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))

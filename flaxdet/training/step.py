@@ -107,9 +107,9 @@ class TrainState:
     cast returns float32 gradients (bf16 products, float32 accumulation)."""
 
     MASK_ROWS_WINDOW = 10  # steps of positives the mask branch's row bucket is chosen from
-    # a factor over them; 1: the window's maximum is the margin (demo fine-tune, positives 33-57 rows per
-    # image: 1.25 put most steps on the 128-row bucket at 1.15 s/step instead of 64 rows at 0.6 s/step,
-    # where a re-run costs one 0.6 s step and a compile the first time)
+    # a factor over them; 1: the window's maximum is the margin (demo fine-tune, positives 15-81 rows per
+    # image: 1.25 put 121 of 150 steps on the 128-row bucket at 1.15 s/step, 1.0 put 98 on 64 rows at
+    # 0.62 s/step; a re-run costs one step, and a compile the first time)
     MASK_ROWS_HEADROOM = 1.0
 
     def __init__(self, model, tx, step=0, dtype=None):
@@ -140,6 +140,7 @@ class TrainState:
     def _bucket(self, need):
         need = math.ceil(need * self.MASK_ROWS_HEADROOM)
         return next((k for k in self.mask_buckets if k >= need), self.mask_buckets[-1])
+
     def model(self):
         return nnx.merge(self.graphdef, self.params, self.rest)
 
