@@ -120,8 +120,7 @@ class Detector:
         else:
             aot(Detector._predict_boxes, *args, rescale)
             dets, neck = self._predict_boxes(*args, rescale)
-            rows = mask_rows_for_count(dets["valid"].shape[1], int(jax.device_get(dets["valid"].sum(1).max())))
-            aot(Detector._predict_masks, self.state, neck, dets, args[3], batch.canvas_hw, rescale, rows)
+            aot(Detector._predict_masks, self.state, neck, dets, args[3], batch.canvas_hw, rescale, _mask_rows(dets))
         return dict(trace_s=tr, compile_s=co)
 
     def predict_batch(self, batch: Batch, rescale=True, with_stages=False):
@@ -137,9 +136,7 @@ class Detector:
             canvas = batch.canvas_hw if self.model.roi_head.with_mask else None
             return self._predict(self.state, images, shapes, sfs, canvas, rescale, with_stages)
         dets, neck = self._predict_boxes(self.state, images, shapes, sfs, rescale)
-        d = dets["valid"].shape[1]
-        rows = mask_rows_for_count(d, int(jax.device_get(dets["valid"].sum(1).max())))
-        return self._predict_masks(self.state, neck, dets, sfs, batch.canvas_hw, rescale, rows)
+        return self._predict_masks(self.state, neck, dets, sfs, batch.canvas_hw, rescale, _mask_rows(dets))
 
     def detect(self, images, metas, rescale=True, bucket="exact"):
         """Per image: dict(bboxes (n,4), scores (n,), labels (n,)[, masks (n, h, w) bool]) in numpy,
@@ -148,6 +145,11 @@ class Detector:
         batch = make_batch(images, metas, div)
         dets = jax.device_get(self.predict_batch(batch, rescale))
         return unpad(dets, batch)
+
+
+def _mask_rows(dets):
+    """The mask branch's static rows for a batch's box detections: one host read of its largest count."""
+    return mask_rows_for_count(dets["valid"].shape[1], int(jax.device_get(dets["valid"].sum(1).max())))
 
 
 def unpad(dets, batch: Batch):

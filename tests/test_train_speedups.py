@@ -113,7 +113,7 @@ def test_mask_branch_rows_equal_all_rows(replay):
     """The mask branch on the smallest row bucket holding the positives gives the all-rows (Spos)
     loss, stages and mask-head gradients, and says how many rows the positives took (fewer rows:
     see the re-run test below)."""
-    from flaxdet.training import forward
+    from flaxdet.models.roi_heads.standard_roi_head import mask_rows_for_count
     from flaxdet.training.step import mask_row_buckets
 
     model, batch, inject = replay
@@ -122,7 +122,7 @@ def test_mask_branch_rows_equal_all_rows(replay):
     spos = np.asarray(st_all["mask_valid"]).reshape(2, -1)
     need = max(int(np.nonzero(r)[0].max()) + 1 for r in spos if r.any())
     buckets = mask_row_buckets(model)
-    rows = forward.mask_rows_for(spos.shape[1], need)
+    rows = mask_rows_for_count(spos.shape[1], need)
     assert rows < buckets[-1], (need, buckets)  # a smaller bucket than Spos holds the positives here
     logs, grads, st = _loss_and_grads_rows(model, batch, key, inject, rows)
     assert logs["mask_rows_needed"] == need

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxdet.models.roi_heads.standard_roi_head import bbox2roi, mask_buckets
+from flaxdet.models.roi_heads.standard_roi_head import bbox2roi
 from flaxdet.ops import anchors as A
 from flaxdet.ops.boxes import encode_deltas
 from flaxdet.ops.roi_align import roi_align
@@ -190,13 +190,6 @@ def rcnn_loss(model, neck, s, batch, rh=None):
                   rcnn_target_bbox_targets=targets)
     return dict(loss_cls=head.cfg.loss_cls.loss_weight * loss_cls, acc=acc,
                 loss_bbox=head.cfg.loss_bbox.loss_weight * loss_bbox), stages
-
-
-def mask_rows_for(spos, need):
-    """The static mask-branch row count per image for ``need`` rows: the smallest of
-    ``mask_buckets(spos)`` holding them (Spos when none does)."""
-    sizes = mask_buckets(spos)
-    return next((k for k in sizes if k >= need), sizes[-1])
 
 
 def sampler_spos(rh):

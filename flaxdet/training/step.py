@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flaxdet.training.forward import loss_fn, mask_buckets, sampler_spos
+from flaxdet.models.roi_heads.standard_roi_head import mask_buckets
+from flaxdet.training.forward import loss_fn, sampler_spos
 
 
 def mask_row_buckets(model):
