@@ -1,7 +1,8 @@
 """The train-step speed-ups compute what the plain formulation computes.
 
-- ``flaxdet.nn.conv2d``: where its weight gradient is shifted matmuls (a custom VJP), both gradients
-  equal XLA's transposed convolutions, checked in float64 and against float64 in float32.
+- ``flaxdet.nn.conv2d``: where its gradients are its own (a custom VJP: weight gradient by shifted
+  matmuls, strided input gradient by phases), both equal XLA's transposed convolutions, checked in
+  float64 and against float64 in float32.
 - ``forward.mask_loss``: the mask branch on the smallest row bucket holding the positives gives the
   loss and gradients of the full Spos rows (visdet's recorded tiny-R18 training step, its samples
   replayed).
@@ -26,6 +27,11 @@ CASES = [  # (N, H, W, Cin, Cout, k, stride, padding, dilation)
     (1, 9, 11, 260, 5, 3, 2, 0, 1),
     (2, 8, 10, 16, 12, 1, 2, 0, 1),
     (2, 7, 7, 32, 6, 1, 1, 0, 1),
+    # strided, narrow: input gradient by phases, XLA's weight gradient
+    (2, 12, 10, 16, 8, 3, 2, 1, 1),
+    (1, 11, 13, 8, 4, 3, 2, 1, 1),
+    (1, 13, 9, 6, 4, 7, 2, 3, 1),
+    (1, 10, 11, 8, 4, 2, 3, 0, 1),  # kernel narrower than the stride: empty phases
 ]
 
 
@@ -34,12 +40,12 @@ def _grads(fn, x, w, args):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"k{c[5]}s{c[6]}p{c[7]}d{c[8]}c{c[3]}" for c in CASES])
-def test_conv_weight_gradient_by_matmuls_equals_xla(case):
+def test_conv_custom_gradients_equal_xla(case):
     n, h, w_, cin, cout, k, s, p, d = case
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, h, w_, cin))
     w = rng.standard_normal((k, k, cin, cout)) / np.sqrt(k * k * cin)
-    assert nn._matmul_weight_grad(w, 1)  # the custom-VJP path is the one under test
+    assert nn._custom_vjp(w, (s, s), (d, d), 1)  # the custom-VJP path is the one under test
     args = ((s, s), (p, p), (d, d), 1, HI, None)
     with jax.enable_x64():
         mine = _grads(nn.conv2d, jnp.asarray(x), jnp.asarray(w), args)
