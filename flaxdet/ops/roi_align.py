@@ -18,7 +18,12 @@ RoIs and elongated ones (grids far above 30) are exact. A fixed ``sampling_ratio
 
 The contraction runs on the smallest square crop of ``SMALL_WINDOWS`` / ``window`` (8 .. 48) holding the
 RoI's support (``dynamic_slice``), ``chunk`` RoIs at a time (``lax.map`` of ``vmap``; RoIs sorted by crop
-tier, one ``lax.switch`` per chunk): memory O(chunk * window^2 * C); 48 covers ~90% of FPN-assigned RoIs. The rest (elongated, or large for the map) are redone
+tier, one ``lax.switch`` per chunk): memory O(chunk * window^2 * C); 48 covers ~90% of FPN-assigned RoIs.
+Each RoI's geometry and interpolation matrices are computed once, for all RoIs together, on the ``window``
+crop; a tier's branch slices them (``_tier_fwd``), so the branches (and their linearisation in training)
+hold only the crop and the two contractions: measured on a 4-level FPN extractor's gradient (1024 RoIs,
+800x1333, 2 images), trace 4.9 -> 1.9 s, XLA compile 14.2 -> 7.4 s, run 1.8 -> 1.5 s. The rest (elongated,
+or large for the map) are redone
 one at a time by a while loop over just those RoIs, on a ``big_window`` crop or the whole map
 (``lax.switch``): extra memory O(H * W * C). The op is linear in ``features``; that loop has an explicit
 VJP, so reverse-mode gradients reach ``features`` (not forward-mode; RoI coordinates are constants, as
@@ -122,17 +127,36 @@ def _crop_bwd(d, roi, g, win, args):
     return jax.lax.dynamic_update_slice(d, jax.lax.dynamic_slice(d, start, (1, *win, d.shape[3])) + dp[None], start)
 
 
-def _fits(roi, win, hw, args):
+def _tier_fwd(feat, ints, wy, wx, count, win):
+    """``_crop_fwd`` on crop ``win`` from the RoI's plan at the largest small tier: ``ints`` is
+    (image, support row, support col, top-tier crop row, top-tier crop col), ``wy`` (oh, top_h) and
+    ``wx`` (ow, top_w) its interpolation matrices. The crop at ``win`` starts at ``min(lo, size - win)``,
+    inside the top-tier crop, and its weights are the matching columns of ``wy`` / ``wx`` (each row's
+    weight depends on the row alone): one plan per RoI for every tier, no per-tier geometry."""
+    b, ylo, xlo, r_top, c_top = ints
+    r0 = jnp.minimum(ylo, feat.shape[1] - win[0])
+    c0 = jnp.minimum(xlo, feat.shape[2] - win[1])
+    z = jnp.zeros_like(r0)  # index dtypes must agree (int32, also under x64)
+    wy = jax.lax.dynamic_slice(wy, (z, r0 - r_top), (wy.shape[0], win[0]))
+    wx = jax.lax.dynamic_slice(wx, (z, c0 - c_top), (wx.shape[0], win[1]))
+    patch = jax.lax.dynamic_slice(feat, (b, r0, c0, z), (1, *win, feat.shape[3]))[0]
+    t = jnp.matmul(wy, patch.reshape(win[0], -1), precision=_HI).reshape(wy.shape[0], win[1], -1)
+    return (t[:, None] * wx[None, :, :, None]).sum(2) / count
+
+
+def _supports(roi, hw, args):
+    """(ylo, yhi, xlo, xhi): the RoI's inclusive support rows and columns (``_support``)."""
     out_hw, scale, sampling_ratio, aligned = args
     (ys, yb, _), (xs, xb, _) = _geometry(roi, scale, out_hw, sampling_ratio, aligned)
-    ylo, yhi = _support(ys, yb, out_hw[0], hw[0])
-    xlo, xhi = _support(xs, xb, out_hw[1], hw[1])
-    return (yhi < _crop_origin(ylo, hw[0], win[0]) + win[0]) & (xhi < _crop_origin(xlo, hw[1], win[1]) + win[1])
+    return (*_support(ys, yb, out_hw[0], hw[0]), *_support(xs, xb, out_hw[1], hw[1]))
 
 
-def _misses(rois, windows, hw, args):
-    """(K,) int32: how many of ``windows`` (nested, smallest first) each RoI's support does not fit."""
-    return sum((~jax.vmap(lambda r, t=t: _fits(r, t, hw, args))(rois)).astype(jnp.int32) for t in windows)
+def _misses(sup, windows, hw):
+    """(K,) int32: how many of ``windows`` (nested, smallest first) each RoI's support ``sup``
+    (``_supports``, vmapped) does not fit."""
+    ylo, yhi, xlo, xhi = sup
+    return sum((~((yhi < _crop_origin(ylo, hw[0], t[0]) + t[0]) & (xhi < _crop_origin(xlo, hw[1], t[1]) + t[1])))
+               .astype(jnp.int32) for t in windows)
 
 
 def _big_rows(tier):
@@ -192,22 +216,31 @@ def _roi_align(features, rois, valid, output_size, spatial_scale, sampling_ratio
     # runs at the tier of its largest RoI (lax.switch inside lax.map: only that branch runs), chunks
     # without a valid RoI are skipped (e.g. the RoIs of other levels in an FPN extractor). RoIs that fit
     # no small tier are computed at the largest and redone below on a bigger crop.
+    # One plan per RoI (geometry, supports, interpolation matrices on the largest small crop), computed
+    # for all RoIs at once; each tier's branch only slices it (``_tier_fwd``).
     small = sorted({(min(t, h), min(t, w)) for t in SMALL_WINDOWS if t < window} | {tiers[0]})
-    key = jnp.where(valid, jnp.minimum(_misses(rois, small, (h, w), args), len(small) - 1), len(small))
+    sup = jax.vmap(lambda q: _supports(q, (h, w), args))(rois)
+    key = jnp.where(valid, jnp.minimum(_misses(sup, small, (h, w)), len(small) - 1), len(small))
+    (img, r_top, c_top, _), wy, wx, count = jax.vmap(lambda q: _plan(q, small[-1], (h, w), args))(rois)
+    ints = jnp.stack([img, sup[0], sup[2], r_top, c_top], 1)
     m = min(chunk, k)
     n = -(-k // m)
     perm = jnp.argsort(key, stable=True)
     pad = n * m - k
-    r = jnp.concatenate([rois[perm], jnp.zeros((pad, 5), rois.dtype)]).reshape(n, m, 5)
-    ck = jnp.concatenate([key[perm], jnp.full(pad, len(small), key.dtype)]).reshape(n, m)
+
+    def chunked(a, fill=0):  # (K, ...) -> (n, m, ...) in sorted order, padded rows ``fill``
+        return jnp.concatenate([a[perm], jnp.full((pad, *a.shape[1:]), fill, a.dtype)]).reshape(n, m, *a.shape[1:])
+
+    ck = chunked(key, len(small))
     live = ck.min(1) < len(small)
     branch = jnp.where(live, jnp.max(jnp.where(ck < len(small), ck, 0), 1) + 1, 0)
     zeros = jnp.zeros((m, *output_size, c), rois.dtype)
-    branches = [lambda _: zeros] + [jax.vmap(lambda r, t=t: _crop_fwd(features, r, t, args)) for t in small]
-    out = jax.lax.map(lambda x: jax.lax.switch(x[1], branches, x[0]), (r, branch))
+    branches = [lambda _: zeros] + [jax.vmap(lambda p, t=t: _tier_fwd(features, *p, t)) for t in small]
+    out = jax.lax.map(lambda x: jax.lax.switch(x[1], branches, x[0]),
+                      ((chunked(ints), chunked(wy), chunked(wx), chunked(count, 1)), branch))
     out = out.reshape(n * m, *output_size, c)[jnp.argsort(perm)]
     if len(tiers) > 1:  # tier: how many crops (smallest first, full map excluded) the RoI does not fit
-        tier = _misses(rois, tiers[:-1], (h, w), args)
+        tier = _misses(sup, tiers[:-1], (h, w))
         out = _redo_big(features, rois, jnp.where(valid, tier, 0), out, tuple(tiers[1:]), args)
     return jnp.where(valid[:, None, None, None], out, 0).astype(features.dtype)
 
