@@ -11,7 +11,9 @@ branch's row bucket), then one traced step. Each XLA op of the optimised HLO is 
 them are. ``ynn_fusion`` / ``convolution`` / ``dot`` are the convolution
 and matmul kernels. XLA:CPU runs independent ops concurrently, so op times can sum to more than the
 step. Prints the table and writes benchmarks/results/profile_train.json; the raw trace stays in DIR
-(Perfetto / TensorBoard).
+(Perfetto / TensorBoard), with the step's optimised HLO (``step.hlo.txt``: an op's shape and inputs).
+An op's span includes time waiting for a core, so with two cores a copy that runs beside a long
+convolution can show several times its cost: compare ops of one kind across runs, not to the step.
 """
 from __future__ import annotations
 
@@ -71,6 +73,8 @@ def main(argv=None):
     hlo = state.lower(batch, key).compile().as_text()
     jax.block_until_ready(state.train_step(batch, key))  # (the jit cache holds that bucket now)
     trace = Path(a.trace or tmp / "trace")
+    trace.mkdir(parents=True, exist_ok=True)
+    (trace / "step.hlo.txt").write_text(hlo)  # op names in the trace -> shapes and fused computations
     t = time.perf_counter()
     with jax.profiler.trace(str(trace), create_perfetto_trace=True):
         logs = state.train_step(batch, jax.random.fold_in(key, 1))
