@@ -101,7 +101,7 @@ def _phase_input_grad(gy, w, in_hw, stride, padding, precision, out_dtype):
     Padded input row ``r = s*u + ph`` receives ``sum_m gy[u - m] * w[ph + s*m]``: phase ``ph`` is a
     correlation of ``gy`` (padded ``M - 1`` before) with the flipped sub-kernel ``w[ph::s][::-1]``."""
     n, ho, wo, _ = gy.shape
-    kh, kw, cin, _ = w.shape
+    cin = w.shape[2]
     (sh, sw), (ph, pw) = stride, padding
     u0, u1 = -(-(in_hw[0] + 2 * ph) // sh), -(-(in_hw[1] + 2 * pw) // sw)
     wt = w.transpose(0, 1, 3, 2)  # (kh, kw, out, in): gy's channels in, x's channels out
