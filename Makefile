@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | cksum | cut -d
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_WORKERS ?= 2
 
-.PHONY: install demo test test-slow test-all bench bench-quick clean
+.PHONY: install demo test test-slow test-all lint bench bench-quick clean
 
 $(STAMP):
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.10-3.12)"; exit 1; }
@@ -32,6 +32,10 @@ test-slow: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m 'slow or not slow'
+
+# ruff (the `dev` extra), configured in pyproject.toml [tool.ruff].
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

@@ -59,7 +59,7 @@ def worker(spec):
     else:
         from flaxdet.checkpoint import load_model_dir, save_model_dir
         from flaxdet.config import load_config
-        from flaxdet.models.detectors.two_stage import build_detector
+        from flaxdet.models import build_detector
         from flaxdet.tools import convert_checkpoint
         from flaxdet_converters.checkpoint_io import load_checkpoint
         from flaxdet_converters.convert import load_visdet_state_dict
@@ -129,15 +129,16 @@ def main(argv=None):
     fd = common.run_worker(__file__, dict(base, side="flaxdet"))
     print(json.dumps(fd), flush=True)
     cold = cli_cold(str(ckpt), a.preset)
-    row = dict(preset=a.preset, checkpoint_mb=ckpt.stat().st_size / 2**20, params_m=sum(v.size for v in sd.values()) / 1e6,
-               pytorch=pt, flaxdet=fd, cli_cold_s=cold, ratio=pt["median_s"] / fd["median_s"])
+    row = dict(preset=a.preset, checkpoint_mb=ckpt.stat().st_size / 2**20,
+               params_m=sum(v.size for v in sd.values()) / 1e6, pytorch=pt, flaxdet=fd, cli_cold_s=cold,
+               ratio=pt["median_s"] / fd["median_s"])
     out = common.save("convert.json", dict(benchmark="convert", machine=machine, preset=a.preset,
                                            repeats=a.repeats, results=[row]), a.out)
     print()
     print(common.table([row], COLS))
     print("convert = flaxdet.tools.convert_checkpoint (.pth -> orbax dir), median; cold = `flaxdet convert` in a "
-          "fresh interpreter;\nload = flaxdet.checkpoint.load_model_dir; pytorch = build + torch.load + load_state_dict; "
-          "ratio = pytorch / flaxdet convert")
+          "fresh interpreter;\nload = flaxdet.checkpoint.load_model_dir; "
+          "pytorch = build + torch.load + load_state_dict; ratio = pytorch / flaxdet convert")
     print("parts: " + ", ".join(f"{k} {v:.2f}" for k, v in fd["parts"].items()))
     print(f"wrote {out}")
 

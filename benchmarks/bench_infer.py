@@ -69,7 +69,7 @@ def worker(spec):
         import jax
 
         from flaxdet.inference import Detector, make_batch
-        from flaxdet.models.detectors.two_stage import build_detector
+        from flaxdet.models import build_detector
         from flaxdet_converters.checkpoint_io import load_checkpoint
         from flaxdet_converters.convert import load_visdet_state_dict
 
@@ -129,8 +129,8 @@ def main(argv=None):
                 rows.append(dict(preset=a.preset, scenario=scenario, size=size, batch=b, dtypes=a.dtypes,
                                  pytorch=pt, flaxdet=fd, ratio=ratio))
     out = common.save(f"infer{'' if a.preset == 'mask_rcnn_r50' else '_' + a.preset}.json",
-                      dict(benchmark="infer", machine=machine, preset=a.preset, weights="seeded (reference/, torch seed 0)",
-                           repeats=a.repeats, results=rows), a.out)
+                      dict(benchmark="infer", machine=machine, preset=a.preset,
+                           weights="seeded (reference/, torch seed 0)", repeats=a.repeats, results=rows), a.out)
     print()
     print(common.table(rows, columns(a.dtypes)))
     print("latency per batch (median); ratio = pytorch / flaxdet (> 1: flaxdet faster); compile = trace + XLA "

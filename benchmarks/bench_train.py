@@ -47,9 +47,9 @@ def flaxdet_setup(cfg, ckpt, imgs, gts, dtype):
     import jax.numpy as jnp
     import numpy as np
 
-    from flaxdet.models.detectors.two_stage import build_detector
-    from flaxdet.training.forward import own_pad_shape, pad_ground_truth
-    from flaxdet.training.loop import make_optimizer
+    from flaxdet.data.transforms import own_pad_shape, pad_ground_truth
+    from flaxdet.models import build_detector
+    from flaxdet.training.optimizers import make_optimizer
     from flaxdet.training.step import TrainState
     from flaxdet_converters.checkpoint_io import load_checkpoint
     from flaxdet_converters.convert import load_visdet_state_dict
@@ -175,8 +175,9 @@ def main(argv=None):
     pt, fd, ratio = common.run_sides(__file__, base, a.dtypes)
     rows = [dict(preset=a.preset, size=a.size, batch=a.batch, dtypes=a.dtypes, pytorch=pt, flaxdet=fd,
                  ratio=ratio)]
-    out = common.save("train.json", dict(benchmark="train", machine=machine, preset=a.preset, optimizer=dict(SGD, name="sgd"),
-                                         gt_per_image=NUM_GT, repeats=a.repeats, results=rows), a.out)
+    out = common.save("train.json", dict(benchmark="train", machine=machine, preset=a.preset,
+                                         optimizer=dict(SGD, name="sgd"), gt_per_image=NUM_GT, repeats=a.repeats,
+                                         results=rows), a.out)
     print()
     print(common.table(rows, columns(a.dtypes)))
     print("step time (median); ratio = pytorch / flaxdet (> 1: flaxdet faster); compile = trace + XLA compile")

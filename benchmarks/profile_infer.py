@@ -15,7 +15,6 @@ Prints a table and writes benchmarks/results/profile_infer.json.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ def flaxdet_stages(ckpt, preset, img, meta, dtype, repeats, trace=None):
 
     from flaxdet.config import load_config
     from flaxdet.inference import Detector, make_batch
-    from flaxdet.models.detectors.two_stage import build_detector
+    from flaxdet.models import build_detector
     from flaxdet_converters.checkpoint_io import load_checkpoint
     from flaxdet_converters.convert import load_visdet_state_dict
 
@@ -42,7 +41,8 @@ def flaxdet_stages(ckpt, preset, img, meta, dtype, repeats, trace=None):
     images, shapes, sfs = jnp.asarray(b.images), jnp.asarray(b.img_shapes), jnp.asarray(b.scale_factors)
     m = lambda s: nnx.merge(gd, s)  # noqa: E731
     fns = {
-        "preprocess+backbone": (jax.jit(lambda s, x, hw: m(s).backbone(m(s).data_preprocessor(x, hw))), ("images", "shapes")),
+        "preprocess+backbone": (jax.jit(lambda s, x, hw: m(s).backbone(m(s).data_preprocessor(x, hw))),
+                                ("images", "shapes")),
         "neck (FPN)": (jax.jit(lambda s, f: m(s).neck(f)), ("feats",)),
         "RPN head convs": (jax.jit(lambda s, n: m(s).rpn_head(n)), ("neck",)),
         "RPN proposals (top-k, decode, NMS)": (jax.jit(lambda s, cr, hw: m(s).rpn_head.predict_by_feat(*cr, hw)),
@@ -61,7 +61,7 @@ def flaxdet_stages(ckpt, preset, img, meta, dtype, repeats, trace=None):
         t = time.perf_counter()
         fn.lower(st, *args).compile()
         compile_s = time.perf_counter() - t
-        first, times, r = common.timed(lambda: fn(st, *args), repeats, jax.block_until_ready)
+        first, times, r = common.timed(lambda fn=fn, args=args: fn(st, *args), repeats, jax.block_until_ready)
         if keys[i]:
             env[keys[i]] = r
         rows.append(dict(stage=name, **common.summarize(times), compile_s=compile_s))
@@ -130,7 +130,8 @@ def main(argv=None):
     img = common.synthetic_image(h, w)
     meta = dict(ori_shape=(h, w), img_shape=(h, w), scale_factor=(1.0, 1.0, 1.0, 1.0))
     tmp = Path(tempfile.mkdtemp(prefix="flaxdet_prof_"))
-    ckpt = common.write_checkpoint(tmp / "w.pth", common.scenario_weights(common.seeded_state_dict(a.preset), a.scenario))
+    ckpt = common.write_checkpoint(tmp / "w.pth",
+                                   common.scenario_weights(common.seeded_state_dict(a.preset), a.scenario))
     res = dict(benchmark="profile_infer", machine=common.machine(), preset=a.preset, size=a.size,
                scenario=a.scenario, dtype=a.dtype, repeats=a.repeats)
     if a.side in ("both", "pytorch"):

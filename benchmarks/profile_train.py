@@ -6,10 +6,10 @@ summed by kind, by forward/backward and by area (the RoIAlign calls, other condi
 
 Same inputs and weights as bench_train.py. One warm-up step (compiles; its positives pick the mask
 branch's row bucket), then one traced step. Each XLA op of the optimised HLO is attributed through its
-``op_name`` metadata: ``bwd`` when JAX's autodiff transposed it, ``roi_align`` inside ``_roi_align``,
-``cond branch`` inside any other ``lax.cond``/``lax.switch`` branch; control-flow ops (cond, while) are not summed, the ops inside
-them are. ``ynn_fusion`` / ``convolution`` / ``dot`` are the convolution
-and matmul kernels. XLA:CPU runs independent ops concurrently, so op times can sum to more than the
+``op_name`` metadata: ``bwd`` when JAX's autodiff transposed it, ``roi_align`` inside either RoIAlign path,
+``cond branch`` inside any other ``lax.cond``/``lax.switch`` branch; control-flow ops (cond, while) are not
+summed, the ops inside them are. ``ynn_fusion`` / ``convolution`` / ``dot`` are the convolution and matmul
+kernels. XLA:CPU runs independent ops concurrently, so op times can sum to more than the
 step. Prints the table and writes benchmarks/results/profile_train.json; the raw trace stays in DIR
 (Perfetto / TensorBoard), with the step's optimised HLO (``step.hlo.txt``: an op's shape and inputs).
 An op's span includes time waiting for a core, so with two cores a copy that runs beside a long
@@ -36,13 +36,14 @@ def categorise(events, hlo_text):
     out = collections.Counter()
     for e in events:
         name = e.get("name", "")
-        if e.get("ph") != "X" or name.startswith(("ThunkExecutor", "SlinkyThreadPool")) or not re.match(r"[\w.\-]+$", name):
+        if (e.get("ph") != "X" or name.startswith(("ThunkExecutor", "SlinkyThreadPool"))
+                or not re.match(r"[\w.\-]+$", name)):
             continue  # executor bookkeeping and Python-side events
         kind = re.sub(r"(\.clone|\.\d+)*$", "", name)
         if kind in ("cond", "while", "call", "conditional"):
             continue  # control flow: its span holds the ops inside it, counted on their own
         op = op_names.get(name, "")
-        area = "roi_align" if "_roi_align" in op else ("cond branch" if "cond/branch" in op else "")
+        area = "roi_align" if "roi_align" in op else ("cond branch" if "cond/branch" in op else "")
         out[(kind, "bwd" if "transpose(" in op else "fwd", area)] += e.get("dur", 0)
     return out
 

@@ -76,7 +76,8 @@ def summary(d):
              "float32); flaxdet = `jax.jit`, float32 or bf16 compute (convolutions/matmuls in bf16 with float32 "
              "accumulation, params float32). Same seeded weights and inputs on both sides, each side in its own "
              "process.", "", "## Machine", "",
-             f"- CPU: {m['cpu']} ({m['cores']} cores, {m['usable_cores']} usable; {', '.join(m['cpu_flags']) or 'no AVX flags read'}),"
+             f"- CPU: {m['cpu']} ({m['cores']} cores, {m['usable_cores']} usable; "
+             f"{', '.join(m['cpu_flags']) or 'no AVX flags read'}),"
              f" {m['mem_gb']} GB RAM; {m['platform']}",
              f"- python {m['python']}, torch {m['torch']} (device: {m['torch_device']}), jax {m['jax']} "
              f"(backend: {m['jax_backend']}, {', '.join(m['jax_devices'])}), flax {m.get('flax', '?')}",
@@ -108,14 +109,16 @@ def summary(d):
         dts = rows[0]["dtypes"]
         lines += ["## Training step (Mask R-CNN R50-FPN, SGD)", "",
                   f"One step (forward, losses, backward, SGD update) at batch {rows[0]['batch']}, "
-                  f"{data['train']['gt_per_image']} GT per image; median of {data['train']['repeats']} after a warm-up step. "
+                  f"{data['train']['gt_per_image']} GT per image; median of {data['train']['repeats']} after a "
+                  "warm-up step. "
                   "flaxdet compiles the step once per mask-branch row bucket: compile = the first step's "
                   "(the smallest bucket), then any bucket the positives pick (compile_bucket_s in the JSON).", ""]
         cols = [("size", "size", ""), ("batch", "batch", "d"), ("PyTorch s", lambda r: r["pytorch"]["median_s"], ".2f")]
         for dt in dts:
             cols += [(f"flaxdet {dt} s", lambda r, dt=dt: r["flaxdet"][dt]["median_s"], ".2f"),
                      (f"ratio {dt}", lambda r, dt=dt: r["ratio"][dt], ".2f"),
-                     (f"compile {dt} s", lambda r, dt=dt: r["flaxdet"][dt]["trace_s"] + r["flaxdet"][dt]["compile_s"], ".0f")]
+                     (f"compile {dt} s",
+                      lambda r, dt=dt: r["flaxdet"][dt]["trace_s"] + r["flaxdet"][dt]["compile_s"], ".0f")]
         cols += [("peak RSS MB (PyTorch / flaxdet)", lambda r: f"{r['pytorch']['peak_rss_mb']:.0f} / "
                   + " / ".join(f"{r['flaxdet'][dt]['peak_rss_mb']:.0f}" for dt in r["dtypes"]), "")]
         lines += [common.md_table(rows, cols), ""]
@@ -134,13 +137,15 @@ def summary(d):
                   f"{data['convert']['repeats']} after a warm-up, in one process after the imports.", "",
                   "| step | seconds |", "|---|---|",
                   f"| flaxdet convert (`flaxdet.tools.convert_checkpoint`, orbax) | {fd['median_s']:.2f} |",
-                  "| ... of which: " + ", ".join(f"{k[:-2].replace('_', ' ')} {v:.2f}" for k, v in fd["parts"].items()) + " | |",
+                  "| ... of which: "
+                  + ", ".join(f"{k[:-2].replace('_', ' ')} {v:.2f}" for k, v in fd["parts"].items()) + " | |",
                   f"| flaxdet convert to .safetensors | {fd['safetensors']['median_s']:.2f} |",
                   f"| `flaxdet convert` CLI, fresh interpreter (imports included) | {r['cli_cold_s']:.1f} |",
                   f"| flaxdet load_model_dir (each infer/train/eval start) | {fd['load_model_dir']['median_s']:.2f} |",
                   f"| PyTorch: build + torch.load + load_state_dict | {r['pytorch']['median_s']:.2f} |",
                   f"| ratio PyTorch load / flaxdet convert | {r['ratio']:.2f} |",
-                  f"| peak RSS PyTorch / flaxdet (MB) | {r['pytorch']['peak_rss_mb']:.0f} / {fd['peak_rss_mb']:.0f} |", ""]
+                  f"| peak RSS PyTorch / flaxdet (MB) | {r['pytorch']['peak_rss_mb']:.0f} / "
+                  f"{fd['peak_rss_mb']:.0f} |", ""]
         budget.append(f"conversion: {fd['median_s']:.2f} s (target < {BUDGETS['convert_s']:.0f} s): "
                       f"{'met' if fd['median_s'] < BUDGETS['convert_s'] else 'NOT met'}")
     if budget:

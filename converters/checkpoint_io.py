@@ -262,8 +262,8 @@ def _load_torch_zip(p: Path):
     with zf:
         pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
         if not pkls:
-            raise CheckpointError(f"not a checkpoint: a zip archive without <name>/data.pkl "
-                                  f"(not written by torch.save); expected .pth or .safetensors")
+            raise CheckpointError("not a checkpoint: a zip archive without <name>/data.pkl "
+                                  "(not written by torch.save); expected .pth or .safetensors")
         prefix = pkls[0].split("/")[0]
         order = ">" if f"{prefix}/byteorder" in zf.namelist() and zf.read(f"{prefix}/byteorder") == b"big" else "<"
         obj = _Unpickler(zf.read(pkls[0]), zf, prefix, order).load()

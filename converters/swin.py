@@ -10,7 +10,7 @@ official key                                           visdet key (``backbone.``
 ``layers.{s}.blocks.{b}.attn.{qkv,proj,relative_*}``   ``stages.{s}.blocks.{b}.attn.w_msa.*``
 ``layers.{s}.blocks.{b}.mlp.fc1.*`` / ``mlp.fc2.*``    ``stages.{s}.blocks.{b}.ffn.layers.0.0.*`` / ``ffn.layers.1.*``
 ``layers.{s}.blocks.{b}.norm{1,2}.*``                  ``stages.{s}.blocks.{b}.norm{1,2}.*``
-``layers.{s}.downsample.reduction.weight``             ``stages.{s}.downsample.reduction.weight``, input channels permuted
+``layers.{s}.downsample.reduction.weight``             ``stages.{s}.downsample.reduction.weight``, inputs permuted
 ``layers.{s}.downsample.norm.*``                       ``stages.{s}.downsample.norm.*``, permuted
 =====================================================  ============================================
 

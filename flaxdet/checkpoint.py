@@ -19,9 +19,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import orbax.checkpoint as ocp
 
 from flaxdet.config import dump_yaml, load_config
-from flaxdet.models.detectors.two_stage import build_detector
+from flaxdet.models import build_detector
+from flaxdet_converters.checkpoint_io import load_checkpoint, save_checkpoint
+from flaxdet_converters.convert import export_visdet_state_dict, flax_variables, load_visdet_state_dict
 
 FORMATS = ("orbax", "safetensors")
 
@@ -31,8 +34,6 @@ class ModelDirError(ValueError):
 
 
 def _live_variables(model):
-    from flaxdet_converters.convert import flax_variables
-
     return {key: var for key, var, _ in flax_variables(model)}
 
 
@@ -56,14 +57,9 @@ def save_model_dir(out_dir, model, classes=None, meta=None, fmt="orbax", overwri
                     flaxdet_version=__import__("flaxdet").__version__)
         (tmp / "meta.json").write_text(json.dumps(info, indent=1))
         if fmt == "orbax":
-            import orbax.checkpoint as ocp
-
             with ocp.StandardCheckpointer() as ckptr:
                 ckptr.save((tmp / "params").absolute(), _flat_state(model))
         else:
-            from flaxdet_converters.checkpoint_io import save_checkpoint
-            from flaxdet_converters.convert import export_visdet_state_dict
-
             save_checkpoint(tmp / "model.safetensors", export_visdet_state_dict(model, info.get("key_order")))
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -87,13 +83,8 @@ def load_model_dir(path, seed=0):
     meta = json.loads((p / "meta.json").read_text())
     model = build_detector(load_config(p / "config.yaml"), seed)
     if meta.get("format") == "safetensors":
-        from flaxdet_converters.checkpoint_io import load_checkpoint
-        from flaxdet_converters.convert import load_visdet_state_dict
-
         load_visdet_state_dict(model, load_checkpoint(p / "model.safetensors").state_dict)
     else:
-        import orbax.checkpoint as ocp
-
         target = _flat_state(model)
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore((p / "params").absolute(), target)

@@ -180,17 +180,17 @@ def cmd_presets(args):
 
 
 def cmd_convert(args):
-    from flaxdet.tools import convert_checkpoint
+    from flaxdet.api import convert
 
-    out, report = convert_checkpoint(args.checkpoint, args.config, args.out, args.format, not args.no_strict,
-                                     args.key_dialect, args.overwrite)
+    out, report = convert(args.checkpoint, args.out, args.config, args.format, not args.no_strict, args.key_dialect,
+                          args.overwrite)
     print(report.summary())
     print(f"wrote {out}")
     return 0
 
 
 def cmd_export(args):
-    from flaxdet.tools import export_model_dir
+    from flaxdet.tools import export_model_dir  # flaxdet.api.export, with the key count
 
     out, n = export_model_dir(args.model_dir, args.out)
     print(f"wrote {n} keys to {out}")
@@ -213,12 +213,13 @@ def cmd_infer(args):
 
 
 def cmd_train(args):
-    from flaxdet.training.loop import train
+    from flaxdet.api import TrainConfig, train
 
-    _, hist = train(args.checkpoint, args.ann, args.out, args.images, args.steps, args.batch_size, _scale(args.scale),
-                    args.optimizer, args.lr, args.weight_decay, args.warmup_iters, ckpt_every=args.ckpt_every,
-                    keep=args.keep, seed=args.seed, max_gt=args.max_gt, num_devices=args.devices,
-                    progress=not args.no_progress, dtype=args.dtype)
+    cfg = TrainConfig(args.checkpoint, args.ann, args.out, img_dir=args.images, steps=args.steps,
+                      batch_size=args.batch_size, scale=_scale(args.scale), optimizer=args.optimizer, lr=args.lr,
+                      weight_decay=args.weight_decay, warmup_iters=args.warmup_iters, ckpt_every=args.ckpt_every,
+                      keep=args.keep, seed=args.seed, max_gt=args.max_gt, num_devices=args.devices, dtype=args.dtype)
+    _, hist = train(cfg, progress=not args.no_progress)
     if hist:
         print("last step: " + ", ".join(f"{k}={v:.4g}" for k, v in hist[-1].items()))
     print(f"model: {args.out}/model  metrics: {args.out}/metrics.jsonl")
@@ -258,9 +259,9 @@ def main(argv=None):
     errors = (ConfigError, FileNotFoundError)
     try:
         from flaxdet.checkpoint import ModelDirError
+        from flaxdet.data.coco import DatasetError
         from flaxdet.data.transforms import ImageError
         from flaxdet_converters.checkpoint_io import CheckpointError
-        from flaxdet.data.coco import DatasetError
         from flaxdet_converters.convert import ConversionError
 
         errors = errors + (CheckpointError, ConversionError, ModelDirError, ImageError, DatasetError)

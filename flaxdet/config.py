@@ -14,6 +14,8 @@ module, with fields named like that module's constructor arguments. Model code
 * Unknown keys and unknown types raise :class:`ConfigError` naming the key path
   and the file. Lists become tuples so every config is hashable (usable as a
   static argument under ``jax.jit``).
+* A field flaxdet parses but does not act on (``UNHONOURED``) is a :class:`ConfigError` naming the key
+  path and the file unless it holds the value flaxdet implements (visdet's default): never a silent no-op.
 
 ``to_dict`` writes a config back in visdet's schema (``type:`` keys), so a
 converted checkpoint can carry its config to visdet unchanged.
@@ -21,6 +23,7 @@ converted checkpoint can carry its config to visdet unchanged.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Mapping
@@ -588,6 +591,130 @@ TYPE_TABLE: dict[str, type[Cfg]] = {
 }
 
 
+# ------------------------------------------------------------------------------ honesty
+# Fields we parse but flaxdet's models and training do not act on: ``UNHONOURED`` entries are (config class,
+# field path from it, (accepts(value, owner config), the accepted values in words), what visdet does with the
+# field). Parsing raises a ConfigError naming the key path and the file for any other value -- a field is
+# never a silent no-op. Fields only training reads (``TRAIN_ONLY``: losses, assigners, samplers, the backbone's
+# norm_eval, neck/head norms, GT padding, ...) are checked by ``check_trainable`` when training is set up, so a
+# config that predicts correctly still loads for inference.
+#
+# Accepted with no effect, as they change no numbers in visdet either or only its runner/initialisation reads
+# them: type names; init_cfg, pretrained, convert_weights, zero_init_residual (initialisation: flaxdet loads
+# converted weights); preset_meta; train_cfg *.debug (read by nothing); non_blocking, boxtype2tensor (host
+# transfer, data containers); pad_seg, seg_pad_value (no semantic-segmentation GT); NormCfg.momentum (BN
+# statistics never move under the required norm_eval=True); stage_with_dcn (dcn is refused); ignore_wrt_candidates
+# (only with ignore_iof_thr > 0, refused); avg_non_ignore (every loss here has an avg_factor); NMSCfg.split_thr
+# (class offsets or a per-class loop: the same NMS); and what visdet itself ignores: DeltaXYWHBBoxCoder.clip_border
+# (clips iff max_shape), RoIAlign pool_mode / use_torchvision (always torchvision's average) / spatial_scale
+# (1 / featmap stride), the RPN's score_thr, FCNMaskHead.roi_feat_size, SingleRoIExtractor.out_channels.
+def _is(*values):
+    return (lambda v, _: v in values), " or ".join(map(repr, values))
+
+
+def _loss(**flags):
+    ok = lambda v, _: isinstance(v, CrossEntropyLossCfg) and all(getattr(v, k) == f for k, f in flags.items())  # noqa: E731
+    return ok, "CrossEntropyLoss with " + ", ".join(f"{k}: {str(f).lower()}" for k, f in flags.items())
+
+
+_CONV = _is(None, {"type": "Conv"}, {"type": "Conv2d"}), "visdet: another conv layer (conv_cfg)"
+_NORM = ((lambda v, _: v is None or (v.get("type") == "GN" and v.get("requires_grad", True)), "None or a trainable GN"),
+         "visdet trains neck/head BN on batch statistics and freezes requires_grad: false norms; flaxdet keeps BN "
+         "on running statistics and trains every norm outside the backbone")
+_CP = _is(False), "visdet: gradient checkpointing, to save training memory"
+_MEAN = _is("mean"), "visdet: an unreduced or summed loss"
+
+UNHONOURED = (
+    (ResNetCfg, "with_cp", *_CP),
+    (ResNetCfg, "norm_eval", _is(True), "visdet trains backbone BN on batch statistics; flaxdet uses running ones"),
+    (ResNetCfg, "conv_cfg", *_CONV),
+    (SwinTransformerCfg, "with_cp", *_CP),
+    (SwinTransformerCfg, "attn_backend", _is("torch"), "visdet: a flash-attention kernel"),
+    (SwinTransformerCfg, "norm_cfg", (lambda v, _: v.get("requires_grad", True), "a trainable LN"),
+     "visdet: frozen LayerNorms"),
+    (FPNCfg, "conv_cfg", *_CONV),
+    (FPNCfg, "norm_cfg", *_NORM),
+    (RPNHeadCfg, "reg_decoded_bbox", _is(False), "visdet: the box loss on decoded boxes"),
+    (RPNHeadCfg, "loss_cls", _loss(use_sigmoid=True, use_mask=False),
+     "flaxdet trains the RPN with sigmoid BCE; a softmax RPN only predicts"),
+    (ConvFCBBoxHeadCfg, "conv_cfg", *_CONV),
+    (ConvFCBBoxHeadCfg, "norm_cfg", *_NORM),
+    (ConvFCBBoxHeadCfg, "reg_decoded_bbox", _is(False), "visdet: the box loss on decoded boxes"),
+    (ConvFCBBoxHeadCfg, "loss_cls", _loss(use_sigmoid=False, use_mask=False),
+     "flaxdet classifies RoIs with softmax CE"),
+    (ConvFCBBoxHeadCfg, "reg_predictor_cfg", _is(None, {"type": "Linear"}), "visdet: another fc_reg layer"),
+    (ConvFCBBoxHeadCfg, "cls_predictor_cfg", _is(None, {"type": "Linear"}), "visdet: another fc_cls layer"),
+    (ConvFCBBoxHeadCfg, "predict_box_type", _is("hbox"), "visdet: rotated or other box types"),
+    (FCNMaskHeadCfg, "conv_cfg", *_CONV),
+    (FCNMaskHeadCfg, "norm_cfg", *_NORM),
+    (FCNMaskHeadCfg, "predictor_cfg", _is({"type": "Conv"}, {"type": "Conv2d"}), "visdet: another conv_logits layer"),
+    (FCNMaskHeadCfg, "loss_mask", _loss(use_mask=True), "flaxdet trains masks with mask_cross_entropy"),
+    (CrossEntropyLossCfg, "class_weight", _is(None), "visdet: per-class CE weights"),
+    (CrossEntropyLossCfg, "ignore_index", _is(None, -100), "visdet: a label left out of the loss"),
+    (CrossEntropyLossCfg, "reduction", *_MEAN),
+    (L1LossCfg, "reduction", *_MEAN),
+    (SmoothL1LossCfg, "reduction", *_MEAN),
+    (MaxIoUAssignerCfg, "neg_iou_thr", (lambda v, _: not isinstance(v, tuple), "a single float"),
+     "visdet: a (min, max) IoU range for negatives"),
+    (MaxIoUAssignerCfg, "ignore_iof_thr", (lambda v, _: v <= 0, "-1"),
+     "visdet: candidates covering ignored (crowd) GT boxes are ignored; flaxdet has no ignored GTs"),
+    (MaxIoUAssignerCfg, "gpu_assign_thr", (lambda v, _: v <= 0, "-1"),
+     "visdet: assignment on the CPU above this many GTs, to save memory"),
+    (MaxIoUAssignerCfg, "iou_calculator", _is(None, {"type": "BboxOverlaps2D"}), "visdet: scaled or fp16 IoUs"),
+    (RPNTrainCfg, "sampler.add_gt_as_proposals", _is(False), "visdet: GT boxes join the RPN's sampled anchors"),
+    (NMSCfg, "type", _is("nms"), "visdet: soft-NMS or another suppression"),
+    (NMSCfg, "class_agnostic", _is(False), "visdet: one NMS over all classes"),
+    (DetDataPreprocessorCfg, "pad_size_divisor", _is(32),
+     "visdet pads to this divisor; flaxdet's train loader pads to multiples of 32 (the anchors' valid flags)"),
+    (DetDataPreprocessorCfg, "mask_pad_value", _is(0), "visdet pads GT masks with it; flaxdet with 0"),
+    (DetDataPreprocessorCfg, "batch_augments", _is(None), "visdet: batch augmentations"),
+    (TwoStageDetectorCfg, "data_preprocessor.pad_mask",
+     (lambda v, c: v or getattr(c.roi_head, "mask_head", None) is None, "True (a model with masks)"),
+     "visdet crops mask targets from unpadded GT masks when false; flaxdet pads them to the batch shape"),
+)
+
+
+# (config class, field) of UNHONOURED that only training reads: the predict path honours any value.
+TRAIN_ONLY = frozenset(
+    [(ResNetCfg, "with_cp"), (ResNetCfg, "norm_eval"), (SwinTransformerCfg, "with_cp"),
+     (SwinTransformerCfg, "norm_cfg"),
+     (RPNHeadCfg, "reg_decoded_bbox"), (RPNHeadCfg, "loss_cls"), (ConvFCBBoxHeadCfg, "reg_decoded_bbox"),
+     (FCNMaskHeadCfg, "loss_mask"), (RPNTrainCfg, "sampler.add_gt_as_proposals"),
+     (TwoStageDetectorCfg, "data_preprocessor.pad_mask")]
+    + [(c, "norm_cfg") for c in (FPNCfg, ConvFCBBoxHeadCfg, FCNMaskHeadCfg)]
+    + [(CrossEntropyLossCfg, f) for f in ("class_weight", "ignore_index", "reduction")]
+    + [(c, "reduction") for c in (L1LossCfg, SmoothL1LossCfg)]
+    + [(MaxIoUAssignerCfg, f) for f in ("neg_iou_thr", "ignore_iof_thr", "gpu_assign_thr", "iou_calculator")]
+    + [(DetDataPreprocessorCfg, f) for f in ("pad_size_divisor", "mask_pad_value", "batch_augments")])
+
+
+def _check_honoured(cfg: Cfg, path: str, source: str, training: bool = False) -> None:
+    for owner, rel, (ok, accepted), why in UNHONOURED:
+        if (owner, rel) in TRAIN_ONLY and not training:
+            continue
+        if isinstance(cfg, owner) and not ok(functools.reduce(getattr, rel.split("."), cfg), cfg):
+            key = f"{path}.{rel}" if path else rel
+            raise ConfigError(f"{_where(key, source)}: flaxdet does not honour this field ({why}); "
+                              f"set it to {accepted}")
+
+
+def check_trainable(cfg, source: str = "the model's config") -> None:
+    """Raise a ConfigError naming the first field of ``cfg`` (a parsed model config) that flaxdet's training
+    does not honour (``TRAIN_ONLY`` entries of ``UNHONOURED``); called when training is set up."""
+
+    def walk(c, path):
+        _check_honoured(c, path, source, training=True)
+        # the detector's own train_cfg first: the heads hold copies of its parts, the user wrote it there
+        for f in sorted(dataclasses.fields(c), key=lambda f: f.name != "train_cfg"):
+            v = getattr(c, f.name)
+            for i, item in enumerate(v if isinstance(v, tuple) else (v,)):
+                if dataclasses.is_dataclass(item):
+                    sub = f"{path}.{f.name}" if path else f.name
+                    walk(item, f"{sub}.{i}" if isinstance(v, tuple) else sub)
+
+    walk(cfg, "")
+
+
 # ----------------------------------------------------------------------------- parsing
 def _where(path: str, source: str) -> str:
     return f"'{path}' in {source}"
@@ -658,7 +785,9 @@ def _parse_cfg(d: Mapping, expected: type[Cfg], path: str, source: str) -> Cfg:
             raise ConfigError(f"unknown key {_where(f'{path}.{key}' if path else key, source)} "
                               f"for {cls.TYPE or cls.__name__}; known keys: {sorted(names)}")
         kwargs[key] = _convert(value, hints[key], f"{path}.{key}" if path else key, source)
-    return cls(**kwargs)
+    cfg = cls(**kwargs)
+    _check_honoured(cfg, path, source)
+    return cfg
 
 
 _TYPED_BASES = (BackboneCfg, NeckCfg, DenseHeadCfg, RoIHeadCfg, BBoxHeadCfg, MaskHeadCfg,

@@ -61,13 +61,12 @@ def _visdet_checkpoint(out: Path):
 
 def main():
     from flaxdet.checkpoint import load_model_dir
+    from flaxdet.cli import enable_compile_cache
     from flaxdet.data.synthetic import make_synthetic_coco
     from flaxdet.evaluation import evaluate
     from flaxdet.tools import convert_checkpoint, export_model_dir, run_infer, run_parity
-    from flaxdet.training.loop import train
+    from flaxdet.training.loop import TrainConfig, train
     from flaxdet_converters.checkpoint_io import load_checkpoint
-
-    from flaxdet.cli import enable_compile_cache
 
     enable_compile_cache()  # a second `make demo` skips XLA compilation
     out = Path(os.environ.get("FLAXDET_DEMO_OUT", ROOT / "out" / "demo"))
@@ -102,9 +101,9 @@ def main():
     if (out / "run").exists():  # the demo fine-tunes the checkpoint it just converted, every time (a kept
         shutil.rmtree(out / "run")  # run would be resumed: a finished one trains nothing and logs no loss)
         print(f"(removed the previous demo run in {out / 'run'})")
-    tuned, hist = train(model_dir, train_ann, out / "run", steps=steps, batch_size=4, scale=SCALE, optimizer="adamw",
-                        lr=1e-3, warmup_iters=min(30, max(steps // 5, 1)), ckpt_every=max(steps // 3, 1), max_gt=8,
-                        progress=True)
+    tuned, hist = train(TrainConfig(model_dir, train_ann, out / "run", steps=steps, batch_size=4, scale=SCALE,
+                                    optimizer="adamw", lr=1e-3, warmup_iters=min(30, max(steps // 5, 1)),
+                                    ckpt_every=max(steps // 3, 1), max_gt=8))
     after = evaluate(tuned, val_ann, scale=SCALE, progress=False, out_json=out / "val_results.json")
     ref_after = _reference_map(tuned, val_ann)
 
@@ -128,7 +127,8 @@ def main():
           f"({out / 'run' / 'loss_curve.png'})")
     print(f"  val bbox mAP {before['bbox_mAP']:.3f} -> {after['bbox_mAP']:.3f}   segm mAP "
           f"{before.get('segm_mAP', 0):.3f} -> {after.get('segm_mAP', 0):.3f}")
-    print(f"  reference/ on the fine-tuned weights: bbox {ref_after['bbox_mAP']:.3f}, segm {ref_after.get('segm_mAP', 0):.3f}")
+    print(f"  reference/ on the fine-tuned weights: bbox {ref_after['bbox_mAP']:.3f}, "
+          f"segm {ref_after.get('segm_mAP', 0):.3f}")
     print(f"  overlays: {out / 'infer' / 'overlays'}   total {summary['seconds']} s")
     return 0 if rep["passed"] else 1
 

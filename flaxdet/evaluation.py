@@ -14,6 +14,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
+
+from flaxdet.config import final_bbox_head
+from flaxdet.data.coco import CocoDataset, DatasetError
+from flaxdet.data.transforms import load_image, resize_keep_ratio
+from flaxdet.inference import Detector
 
 STAT_NAMES = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l", "AR_1", "AR_10", "AR_100", "AR_s", "AR_m",
               "AR_l")
@@ -21,8 +30,6 @@ STAT_NAMES = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l", "AR_1", "AR_
 
 def _predict_fn(model, backend, classes, bucket="exact"):
     if backend == "flaxdet":
-        from flaxdet.inference import Detector
-
         det = Detector(model, classes)
         return lambda img, meta: det.detect([img], [meta], bucket=bucket)[0]
     if backend == "reference":
@@ -37,8 +44,6 @@ def _predict_fn(model, backend, classes, bucket="exact"):
 
 
 def detections_to_coco(det, image_id, cat_ids):
-    from pycocotools import mask as mask_utils
-
     out = []
     for i in range(len(det["scores"])):
         x1, y1, x2, y2 = (float(v) for v in det["bboxes"][i])
@@ -54,20 +59,10 @@ def detections_to_coco(det, image_id, cat_ids):
 
 def evaluate(model, ann_file, img_dir=None, scale=(1333, 800), backend="flaxdet", out_json=None, progress=True,
              max_images=None, bucket="exact"):
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-    from tqdm import tqdm
-
-    from flaxdet.data.coco import CocoDataset
-    from flaxdet.data.transforms import load_image, resize_keep_ratio
-
     ds = CocoDataset(ann_file, img_dir)
-    from flaxdet.config import final_bbox_head
 
     n_model = final_bbox_head(model.cfg.roi_head).num_classes
     if n_model != len(ds.classes):
-        from flaxdet.data.coco import DatasetError
-
         raise DatasetError(f"the model predicts {n_model} classes but {ann_file} has {len(ds.classes)} "
                            f"categories ({ds.classes}); evaluate a model fine-tuned on this label set")
     predict = _predict_fn(model, backend, ds.classes, bucket)

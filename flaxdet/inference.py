@@ -11,8 +11,10 @@ guaranteed bit-comparable with visdet. The mask canvas is padded to a multiple o
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +22,9 @@ import numpy as np
 from flax import nnx
 
 from flaxdet.config import TwoStageDetectorCfg
-from flaxdet.models.detectors.two_stage import TwoStageDetector, build_detector
-from flaxdet.models.roi_heads.standard_roi_head import mask_rows_for_count
+from flaxdet.data.transforms import DEFAULT_TEST_SCALE, load_image, resize_keep_ratio
+from flaxdet.fast_paths.mask_rows import mask_rows_for_count
+from flaxdet.models import TwoStageDetector, build_detector
 from flaxdet.nn import set_compute_dtype
 
 
@@ -57,8 +60,27 @@ def make_batch(images, metas, pad_size_divisor=32, canvas_divisor=256) -> Batch:
     return Batch(out, np.array([m["img_shape"][:2] for m in metas], np.int32), np.array(sf, np.float32), ori, canvas)
 
 
+@dataclass
+class Detections:
+    """One image's detections, in its original pixels, best first."""
+
+    boxes: np.ndarray  # (K, 4) float32 x1, y1, x2, y2
+    scores: np.ndarray  # (K,) float32
+    labels: np.ndarray  # (K,) int64 class indices
+    class_names: list  # (K,) the labels' class names (their numbers as text when the model has none)
+    masks: np.ndarray | None = None  # (K, H, W) bool for mask models
+
+    def __len__(self):
+        return len(self.scores)
+
+
 class Detector:
-    """A flaxdet two-stage detector with a jit cache per shape bucket."""
+    """A flaxdet two-stage detector with a jit cache per shape bucket.
+
+    ``det(image)`` runs visdet's test pipeline on an image path or an (H, W, 3) uint8 BGR array (OpenCV
+    decode, keep-ratio resize to ``scale``, the model) and returns :class:`Detections`; ``det([...])`` a
+    list of them. ``det.params`` are the weights as a JAX pytree, ``det.model`` the Flax NNX module.
+    """
 
     def __init__(self, model: TwoStageDetector, classes=None, dtype=None):
         """``dtype``: compute dtype of the convolutions and matmuls ("bfloat16" for mixed precision,
@@ -75,6 +97,26 @@ class Detector:
     @classmethod
     def from_config(cls, cfg, seed=0, classes=None, dtype=None):
         return cls(build_detector(cfg, seed), classes, dtype)
+
+    @property
+    def params(self):
+        """The model's parameters (``nnx.Param`` leaves) as an ``nnx.State`` pytree, named like visdet's keys."""
+        return nnx.state(self.model, nnx.Param)
+
+    def __call__(self, images, scale=DEFAULT_TEST_SCALE, bucket="exact"):
+        """Detections for one image (a path or an (H, W, 3) uint8 BGR array) or a list of them (one at a
+        time: visdet's test batch size, so results do not depend on what else is in the list)."""
+        single = isinstance(images, str | Path | np.ndarray)
+        out = []
+        for image in [images] if single else list(images):
+            img = load_image(image) if isinstance(image, str | Path) else np.asarray(image)
+            if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+                raise ValueError(f"an image array must be (H, W, 3) uint8 BGR, got {img.shape} {img.dtype}")
+            resized, meta = resize_keep_ratio(img, scale)
+            d = self.detect([resized], [meta], bucket=bucket)[0]
+            names = [self.classes[i] if self.classes and i < len(self.classes) else str(i) for i in d["labels"]]
+            out.append(Detections(d["bboxes"], d["scores"], d["labels"], names, d.get("masks")))
+        return out[0] if single else out
 
     def refresh(self):
         """Call after changing the model's variables in place."""
@@ -102,8 +144,6 @@ class Detector:
         the one-jit predict, or for mask models the box jit and the mask jit of the row bucket this
         batch's detections need (read from one run of the box jit). Returns dict(trace_s, compile_s):
         tracing + lowering, and XLA compilation, summed over the jits."""
-        import time
-
         args = (self.state, jnp.asarray(batch.images), jnp.asarray(batch.img_shapes), jnp.asarray(batch.scale_factors))
         tr = co = 0.0
 

@@ -11,14 +11,16 @@ of model keys.
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flaxdet import fast_paths
+from flaxdet.fast_paths import conv as fast_conv
 from flaxdet.ops import exact_div  # noqa: F401  (re-exported: layers use it)
+from flaxdet.ops.conv import conv2d as plain_conv2d
 
 PRECISION = jax.lax.Precision.HIGHEST  # float32 parity: no reduced-precision passes on accelerators
 
@@ -65,135 +67,18 @@ def _uniform(key, shape, bound, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def _conv_xla(x, w, stride, padding, dilation, groups, precision, out_dtype):
-    return jax.lax.conv_general_dilated(
-        x, w, window_strides=stride, padding=[(p, p) for p in padding], rhs_dilation=dilation,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
-        precision=precision, preferred_element_type=out_dtype)
-
-
-def _matmul_weight_grad(w, groups):
-    """Whether the weight gradient of a conv with weight ``w`` (kh, kw, in, out) is computed as
-    shifted matmuls (``_conv_bwd``) rather than by XLA's transposed convolution. XLA:CPU's weight
-    gradient treats the batch x space extent as a convolution window, slow for 1x1 kernels and wide
-    channels; measured on a 2-core EPYC (ms, XLA / matmuls): 1x1 256->512 stride 2 at 120x160 b2
-    243 / 19, 1x1 256->64 109 / 16, 3x3 256 at 120x160 b2 718 / 404, 3x3 256 on 256 RoIs of 14x14
-    1961 / 562, 3x3 512 at 15x20 20 / 19; but 3x3 with 64 or 128 input channels 36 / 78, 17 / 36."""
-    kh, kw, cin, _ = w.shape
-    return groups == 1 and (kh * kw == 1 or cin >= 256)
-
-
-def _custom_vjp(w, stride, dilation, groups):
-    """Whether ``conv2d`` takes its gradients from :func:`_conv_bwd`: a matmul weight gradient
-    (:func:`_matmul_weight_grad`), or a strided kernel whose input gradient is cheaper by phases
-    (:func:`_phase_input_grad`) than by XLA's zero-dilated transposed convolution."""
-    strided = groups == 1 and dilation == (1, 1) and stride != (1, 1) and w.shape[:2] != (1, 1)
-    return _matmul_weight_grad(w, groups) or strided
-
-
-def _phase_input_grad(gy, w, in_hw, stride, padding, precision, out_dtype):
-    """Input gradient of a strided convolution (groups 1, dilation 1) as ``s_h * s_w`` stride-1
-    convolutions of ``gy``, one per output phase, interleaved. XLA's own transpose convolves a
-    zero-dilated ``gy`` (``lhs_dilation``): ``s_h * s_w`` times the multiply-adds, on XLA:CPU's slow
-    dilated path (measured on a 2-core EPYC, ms, XLA / phases: 3x3 128->128 on 200x336 b2 193 / 92,
-    256 on 100x168 85 / 52, 512 on 50x84 66 / 35).
-
-    Padded input row ``r = s*u + ph`` receives ``sum_m gy[u - m] * w[ph + s*m]``: phase ``ph`` is a
-    correlation of ``gy`` (padded ``M - 1`` before) with the flipped sub-kernel ``w[ph::s][::-1]``."""
-    n, ho, wo, _ = gy.shape
-    cin = w.shape[2]
-    (sh, sw), (ph, pw) = stride, padding
-    u0, u1 = -(-(in_hw[0] + 2 * ph) // sh), -(-(in_hw[1] + 2 * pw) // sw)
-    wt = w.transpose(0, 1, 3, 2)  # (kh, kw, out, in): gy's channels in, x's channels out
-    rows = []
-    for a in range(sh):
-        cols = []
-        for b in range(sw):
-            sub = wt[a::sh][::-1][:, b::sw][:, ::-1]
-            if sub.shape[0] == 0 or sub.shape[1] == 0:  # kernel narrower than the stride: no tap
-                cols.append(jnp.zeros((n, u0, u1, cin), gy.dtype if out_dtype is None else out_dtype))
-                continue
-            pads = ((sub.shape[0] - 1, u0 - ho), (sub.shape[1] - 1, u1 - wo))
-            cols.append(jax.lax.conv_general_dilated(gy, sub, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                                     precision=precision, preferred_element_type=out_dtype))
-        rows.append(jnp.stack(cols, 3))  # (n, u0, u1, sw, cin)
-    g = jnp.stack(rows, 2).reshape(n, u0 * sh, u1 * sw, cin)
-    return g[:, ph:ph + in_hw[0], pw:pw + in_hw[1]]
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
-def _conv_mm(x, w, stride, padding, dilation, groups, precision, out_dtype):
-    return _conv_xla(x, w, stride, padding, dilation, groups, precision, out_dtype)
-
-
-def _conv_fwd(x, w, stride, padding, dilation, groups, precision, out_dtype):
-    return _conv_xla(x, w, stride, padding, dilation, groups, precision, out_dtype), (x, w)
-
-
-def _conv_bwd(stride, padding, dilation, groups, precision, out_dtype, res, gy):
-    """Input gradient: at stride 1 a flipped-kernel convolution, strided (dilation 1) by phases
-    (:func:`_phase_input_grad`), else XLA's transpose. Weight gradient, where
-    :func:`_matmul_weight_grad` says so, per kernel tap (a, b):
-    ``gw[a, b] = sum_{n,i,j} x_pad[n, s*i + d*a, s*j + d*b, :]^T gy[n, i, j, :]`` -- one matmul
-    over all N*Ho*Wo output positions (at least float32 accumulation; products in the compute dtype);
-    else XLA's transpose."""
-    x, w = res
-    kh, kw, cin, cout = w.shape
-    back = [d * (k - 1) - p for d, k, p in zip(dilation, (kh, kw), padding)]
-    if stride == (1, 1) and min(back) >= 0 and groups == 1:
-        # stride 1: the input gradient is a forward convolution of gy with the flipped, in/out-swapped
-        # kernel. XLA's own transpose is a different convolution that XLA:CPU runs without its fast
-        # kernels inside lax.switch branches (the training mask branch): measured 2.2x slower there.
-        wf = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
-        gx = _conv_xla(gy.astype(x.dtype), wf, (1, 1), back, dilation, 1, precision, out_dtype).astype(x.dtype)
-    elif groups == 1 and dilation == (1, 1):
-        gx = _phase_input_grad(gy.astype(x.dtype), w, x.shape[1:3], stride, padding, precision,
-                               out_dtype).astype(x.dtype)
-    else:
-        gx = jax.vjp(lambda v: _conv_xla(v, w, stride, padding, dilation, groups, precision, out_dtype), x)[1](gy)[0]
-    if not _matmul_weight_grad(w, groups):
-        return gx, jax.vjp(lambda v: _conv_xla(x, v, stride, padding, dilation, groups, precision, out_dtype),
-                           w)[1](gy)[0]
-    n, ho, wo, _ = gy.shape
-    xp = jnp.pad(x, ((0, 0), (padding[0],) * 2, (padding[1],) * 2, (0, 0)))
-    g2 = gy.astype(x.dtype).reshape(-1, cout)
-    taps = []
-    for a in range(kh):
-        for b in range(kw):
-            r0, c0 = a * dilation[0], b * dilation[1]
-            xs = jax.lax.slice(xp, (0, r0, c0, 0), (n, r0 + (ho - 1) * stride[0] + 1, c0 + (wo - 1) * stride[1] + 1,
-                                                    cin), (1, *stride, 1))
-            taps.append(jnp.matmul(xs.reshape(-1, cin).T, g2, precision=precision,
-                                   preferred_element_type=jnp.promote_types(x.dtype, jnp.float32)))
-    return gx, jnp.stack(taps).reshape(w.shape).astype(w.dtype)
-
-
-_conv_mm.defvjp(_conv_fwd, _conv_bwd)
-
-
-def _conv1x1(x, w, stride, precision, out_dtype):
-    """An unpadded 1x1 convolution as one matmul over the (strided) pixels. XLA:CPU runs it 1.2-4x
-    faster than the same convolution (measured on a 2-core EPYC, ms, conv / matmul, one 200x336 map:
-    256->1024 340 / 309, 1024->256 568 / 227, 256->64 51 / 13, 64->256 57 / 37), and its gradients are
-    matmuls too (no transposed convolution)."""
-    if stride != (1, 1):
-        x = x[:, ::stride[0], ::stride[1], :]
-    n, h, wd, c = x.shape
-    y = jnp.matmul(x.reshape(n * h * wd, c), w.reshape(c, -1), precision=precision, preferred_element_type=out_dtype)
-    return y.reshape(n, h, wd, -1)
-
-
 def conv2d(x, w, stride, padding, dilation, groups, precision, out_dtype):
-    """NHWC x HWIO convolution (torch's Conv2d arithmetic: symmetric ``padding``, ``dilation`` on the
-    kernel, ``groups``). Unpadded 1x1 kernels run as a matmul (:func:`_conv1x1`); other kernels take
-    their weight gradient by shifted matmuls where that is faster on XLA:CPU
-    (:func:`_matmul_weight_grad`). Reverse-mode only on that path (a custom VJP)."""
-    args = (tuple(stride), tuple(padding), tuple(dilation), groups, precision, out_dtype)
-    if w.shape[:2] == (1, 1) and groups == 1 and tuple(padding) == (0, 0):
-        return _conv1x1(x, w, tuple(stride), precision, out_dtype)
-    if _custom_vjp(w, tuple(stride), tuple(dilation), groups):
-        return _conv_mm(x, w, *args)
-    return _conv_xla(x, w, *args)
+    """NHWC x HWIO convolution with torch's Conv2d arithmetic (symmetric ``padding``, ``dilation`` on the
+    kernel, ``groups``): :func:`flaxdet.ops.conv.conv2d`, or where the ``conv1x1_matmul`` / ``conv_vjp``
+    fast paths are on (:mod:`flaxdet.fast_paths`; CPU by default) an unpadded 1x1 kernel as a matmul and
+    hand-written gradients for the kernels :func:`flaxdet.fast_paths.conv.wants_custom_vjp` selects."""
+    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
+    if (w.shape[:2] == (1, 1) and groups == 1 and padding == (0, 0)
+            and fast_paths.enabled("conv1x1_matmul")):
+        return fast_conv.conv1x1(x, w, stride, precision, out_dtype)
+    if fast_paths.enabled("conv_vjp") and fast_conv.wants_custom_vjp(w, stride, dilation, groups):
+        return fast_conv.conv_vjp(x, w, stride, padding, dilation, groups, precision, out_dtype)
+    return plain_conv2d(x, w, stride, padding, dilation, groups, precision, out_dtype)
 
 
 class Conv2d(nnx.Module):

@@ -1,13 +1,27 @@
-"""The user-facing jobs behind the CLI: convert, export, parity, infer (importable, testable)."""
+"""The user-facing jobs behind the CLI and :mod:`flaxdet.api`: convert, export, parity, infer. The PyTorch side
+(reference/, an installed visdet) is imported only where used: it is an optional extra."""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
 
+import cv2
+import jax
 import numpy as np
+from tqdm import tqdm
 
-from flaxdet.config import ConfigError, dump_yaml, load_config, parse_model_config
+from flaxdet.checkpoint import load_model_dir, save_model_dir
+from flaxdet.config import ConfigError, dump_yaml, load_config, parse_model_config, to_dict
+from flaxdet.data.transforms import ImageError, load_image, prepare_test_image, resize_keep_ratio
+from flaxdet.evaluation import detections_to_coco
+from flaxdet.inference import Detector, make_batch, unpad
+from flaxdet.models import build_detector
+from flaxdet.parity import format_table
+from flaxdet.parity.harness import compare_stages, flaxdet_stages, geometry_of, torch_stages
+from flaxdet.visualize import draw_detections, plot_parity
+from flaxdet_converters.checkpoint_io import load_checkpoint, save_checkpoint
+from flaxdet_converters.convert import export_visdet_state_dict, load_visdet_state_dict
 
 
 def _config_for(checkpoint, config):
@@ -23,11 +37,6 @@ def _config_for(checkpoint, config):
 def convert_checkpoint(ckpt_path, config=None, out=None, fmt="orbax", strict=True, key_dialect="visdet",
                        overwrite=False, log=print):
     """visdet checkpoint -> flaxdet model dir. Returns (out_dir, report). Writes nothing on failure."""
-    from flaxdet.checkpoint import save_model_dir
-    from flaxdet.models.detectors.two_stage import build_detector
-    from flaxdet_converters.checkpoint_io import load_checkpoint
-    from flaxdet_converters.convert import load_visdet_state_dict
-
     ck = load_checkpoint(ckpt_path)
     for w in getattr(ck, "warnings", []) or []:
         log(f"warning: {w}")
@@ -42,10 +51,6 @@ def convert_checkpoint(ckpt_path, config=None, out=None, fmt="orbax", strict=Tru
 
 def export_model_dir(model_dir, out, log=print):
     """flaxdet model dir -> visdet checkpoint (.pth runner-style with classes, or .safetensors)."""
-    from flaxdet.checkpoint import load_model_dir
-    from flaxdet_converters.checkpoint_io import save_checkpoint
-    from flaxdet_converters.convert import export_visdet_state_dict
-
     model, classes, meta = load_model_dir(model_dir)
     sd = export_visdet_state_dict(model, meta.get("key_order"))
     extra = {"flaxdet_export": {"config_yaml": dump_yaml(model.cfg)}}
@@ -55,11 +60,6 @@ def export_model_dir(model_dir, out, log=print):
 
 def load_any_model(checkpoint, config=None):
     """A flaxdet model dir, or a visdet checkpoint (+ config) converted in memory."""
-    from flaxdet.checkpoint import load_model_dir
-    from flaxdet.models.detectors.two_stage import build_detector
-    from flaxdet_converters.checkpoint_io import load_checkpoint
-    from flaxdet_converters.convert import load_visdet_state_dict
-
     p = Path(checkpoint)
     if p.is_dir():
         model, classes, _ = load_model_dir(p)
@@ -72,7 +72,6 @@ def load_any_model(checkpoint, config=None):
 
 def reference_twin(model):
     """reference/ (PyTorch) model with the same config and weights as a flaxdet model."""
-    from flaxdet_converters.convert import export_visdet_state_dict
     from flaxdet_reference import build_detector
     from flaxdet_reference.models import load_state_dict_strict
 
@@ -84,15 +83,6 @@ def reference_twin(model):
 def run_parity(config, checkpoint, image, against="reference", out_dir="parity_out", scale=(1333, 800),
                log=print):
     """Run flaxdet and the PyTorch side on one image; returns (rows, report dict)."""
-    import jax
-
-    from flaxdet.data.transforms import prepare_test_image
-    from flaxdet.inference import Detector, make_batch, unpad
-    from flaxdet.parity import format_table
-    from flaxdet.parity.harness import compare_stages, flaxdet_stages, geometry_of, torch_stages
-    from flaxdet.visualize import plot_parity
-    from flaxdet_converters.checkpoint_io import load_checkpoint
-
     ck = load_checkpoint(checkpoint)
     cfg = _config_for(ck, config)
     img, meta = prepare_test_image(image, scale)
@@ -111,9 +101,6 @@ def run_parity(config, checkpoint, image, against="reference", out_dir="parity_o
         theirs = torch_stages(stages)
     else:
         raise ValueError(f"--against must be 'reference' or 'visdet', got {against!r}")
-    from flaxdet.models.detectors.two_stage import build_detector
-    from flaxdet_converters.convert import load_visdet_state_dict
-
     model = build_detector(cfg)
     load_visdet_state_dict(model, ck.state_dict)
     det = Detector(model, ck.classes)
@@ -140,7 +127,6 @@ def run_parity(config, checkpoint, image, against="reference", out_dir="parity_o
 def _visdet_stages(cfg, checkpoint, img, meta):
     """Hook the user's installed visdet (same module names as reference/, so the same stages)."""
     try:
-        import torch
         from visdet.apis import init_detector  # noqa: F401
     except Exception as e:  # ImportError or a broken install
         raise SystemExit(
@@ -148,8 +134,6 @@ def _visdet_stages(cfg, checkpoint, img, meta):
             "Install visdet in this environment, or use --against reference (flaxdet's PyTorch mirror of "
             "visdet, itself checked against recorded visdet outputs).") from None
     import tempfile
-
-    from flaxdet.config import to_dict
 
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(f"model = {to_dict(cfg)!r}\n")
@@ -182,14 +166,6 @@ def run_infer(checkpoint, images, out_dir, config=None, scale=(1333, 800), score
               progress=True, log=print, bucket="exact", dtype=None):
     """Detect on image files; write COCO-format results JSON (+ RLE masks) and overlay PNGs.
     ``dtype``: compute dtype ("bfloat16": mixed precision; see flaxdet.nn.set_compute_dtype)."""
-    import cv2
-    from pycocotools import mask as mask_utils
-    from tqdm import tqdm
-
-    from flaxdet.data.transforms import ImageError, load_image, resize_keep_ratio
-    from flaxdet.inference import Detector
-    from flaxdet.visualize import draw_detections
-
     model, classes = load_any_model(checkpoint, config)
     det = Detector(model, classes, dtype=dtype)
     out = Path(out_dir)
@@ -216,16 +192,9 @@ def run_infer(checkpoint, images, out_dir, config=None, scale=(1333, 800), score
         for (p, im), d in zip(originals, det.detect(resized, metas, bucket=bucket)):
             image_id = len(images_json) + 1
             images_json.append(dict(id=image_id, file_name=str(p), height=im.shape[0], width=im.shape[1]))
-            for i in range(len(d["scores"])):
-                x1, y1, x2, y2 = (float(v) for v in d["bboxes"][i])
-                r = dict(image_id=image_id, category_id=int(d["labels"][i]), bbox=[x1, y1, x2 - x1, y2 - y1],
-                         score=float(d["scores"][i]))
+            for r in detections_to_coco(d, image_id, range(max(d["labels"], default=-1) + 1)):
                 if classes:
-                    r["category_name"] = classes[int(d["labels"][i])]
-                if "masks" in d:
-                    rle = mask_utils.encode(np.asfortranarray(d["masks"][i].astype(np.uint8)))
-                    rle["counts"] = rle["counts"].decode("ascii")
-                    r["segmentation"] = rle
+                    r["category_name"] = classes[r["category_id"]]
                 results.append(r)
             cv2.imwrite(str(out / "overlays" / f"{p.stem}.png"), draw_detections(im, d, classes, score_thr))
             bar.update(1)

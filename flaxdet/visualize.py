@@ -50,8 +50,8 @@ def plot_parity(rows, path, title="flaxdet parity: per-stage error"):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r.tol > 0 and np.isfinite(r.max_rel) and not r.stage.split(".")[-1] in
-            ("order", "labels", "masks", "count")]
+    rows = [r for r in rows if r.tol > 0 and np.isfinite(r.max_rel)
+            and r.stage.split(".")[-1] not in ("order", "labels", "masks", "count")]
     names = [r.stage for r in rows]
     errs = [max(r.max_rel if r.max_rel > 0 else r.max_abs, 1e-12) for r in rows]
     tols = [r.tol for r in rows]

@@ -27,7 +27,7 @@ import torch
 
 from flaxdet.config import ResNeXtCfg, load_config
 from flaxdet.inference import Detector, make_batch, unpad
-from flaxdet.models.detectors.two_stage import build_detector as build_flax
+from flaxdet.models import build_detector as build_flax
 from flaxdet.parity import format_table
 from flaxdet.parity.harness import compare_stages, flaxdet_stages, geometry_of, torch_stages
 from flaxdet_converters.checkpoint_io import load_checkpoint, save_checkpoint
@@ -128,10 +128,8 @@ def test_stage_parity_and_identical_detections(preset, tmp_path):
 def _loss(model, batch, key, inject=None):
     from flax import nnx
 
-    from flaxdet.training.forward import loss_fn
-
     graphdef, state = nnx.split(model)
-    f = jax.jit(lambda s, b, k, i: loss_fn(nnx.merge(graphdef, s), b, k, i, with_stages=True))
+    f = jax.jit(lambda s, b, k, i: nnx.merge(graphdef, s).loss(b, k, i, with_stages=True))
     return jax.device_get(f(state, batch, key, inject))
 
 
@@ -154,7 +152,7 @@ def assert_frozen_unchanged(state, before):
 def test_fine_tune_lowers_the_loss_and_keeps_frozen_params(preset, tmp_path):
     from flaxdet.data.coco import CocoDataset, TrainLoader
     from flaxdet.data.synthetic import make_synthetic_coco
-    from flaxdet.training.loop import make_optimizer
+    from flaxdet.training.optimizers import make_optimizer
     from flaxdet.training.step import TrainState
 
     _, _, flax = _case(preset, tmp_path)

@@ -32,7 +32,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +42,7 @@ from flax import nnx
 
 from flaxdet.config import dump_yaml, load_config
 from flaxdet.inference import Detector, make_batch, unpad
-from flaxdet.models.detectors.two_stage import build_detector as build_flax
+from flaxdet.models import build_detector as build_flax
 from flaxdet.parity import MASK_PIXELS_PER_IMAGE, TOLERANCES, compare_detections, format_table
 from flaxdet.parity.harness import compare_stages, flaxdet_stages, geometry_of, torch_stages
 from flaxdet_converters.checkpoint_io import load_checkpoint, save_checkpoint
@@ -83,10 +82,10 @@ def small_cascade_cfg(mask=True, depth=18, base=8, classes=CLASSES, fc=32, mask_
 
 def cascade_weights(ref, seed, images, metas, spread=0.5):
     """``test_random_configs.seeded_state_dict`` (BN statistics near identity, He-normal weights) with the
-    RPN classifier x2 as in ``conditioned_weights`` (which scales a single head's fc_cls), then, per cascade stage, its fc_cls bias shifted so each
-    class logit has zero mean over the RoIs of ``images`` (ReLU features have a large common mean, which
-    otherwise hands every RoI the same class) and scaled by ``spread`` (varied labels, scores 0.3-0.8, all
-    three stages carrying signal). Returns the state_dict (numpy)."""
+    RPN classifier x2 as in ``conditioned_weights`` (which scales a single head's fc_cls), then, per cascade
+    stage, its fc_cls bias shifted so each class logit has zero mean over the RoIs of ``images`` (ReLU features
+    have a large common mean, which otherwise hands every RoI the same class) and scaled by ``spread`` (varied
+    labels, scores 0.3-0.8, all three stages carrying signal). Returns the state_dict (numpy)."""
     sd = seeded_state_dict(ref, seed)
     sd["rpn_head.rpn_cls.weight"] = sd["rpn_head.rpn_cls.weight"] * 2  # as conditioned_weights: no sigmoid ties
     ref.load_state_dict(sd, strict=True)
@@ -185,6 +184,7 @@ def test_full_size_checkpoint_converts_and_round_trips(preset, tmp_path):
         assert back[k].dtype == v.dtype and back[k].shape == v.shape and np.array_equal(back[k], v), k
 
 
+@pytest.mark.goldens
 @pytest.mark.parametrize("mask", [MASK, BBOX])
 def test_checkpoint_converts_strictly_and_round_trips(mask, cases):
     case = cases(mask)
@@ -215,6 +215,7 @@ def _first_image(theirs):
     return out
 
 
+@pytest.mark.goldens
 @pytest.mark.parametrize("mask", [MASK, BBOX_SLOW])  # one XLA compile each (~20-40 s on 2 cores)
 def test_flaxdet_jit_matches_reference_stage_by_stage(mask, cases):
     case = cases(mask)
@@ -278,15 +279,14 @@ def flaxdet_cascade_injection(model, batch, st, num_gts):
     ``[its GTs; stage k-1's sampled rows minus the positives that were GTs]``, flaxdet ``[G GT slots;
     stage k-1's Spos + Sneg row slots]`` (the dropped and padded slots invalid), so index j >= k_gt maps
     to the slot of the (j - k_gt)-th kept row."""
-    from flaxdet.training.cascade import StageView
     from parity_tests.train_golden import _pad, flaxdet_injection
 
     rh = model.roi_head
     g_max = batch["gt_bboxes"].shape[1]
     samples = {"rpn": [(s.pos_inds.numpy(), s.neg_inds.numpy()) for s in st["targets.sampling_results"]],
                "rcnn": [(s.pos_inds.numpy(), s.neg_inds.numpy()) for s in st["s0.rcnn.sampling_results"]]}
-    stage0 = types.SimpleNamespace(rpn_head=model.rpn_head, cfg=model.cfg, roi_head=StageView(rh, 0))
-    inject = flaxdet_injection(stage0, batch, samples, num_gts, [p["bboxes"].numpy() for p in st["rpn_proposals"]])
+    inject = flaxdet_injection(model, batch, samples, num_gts, [p["bboxes"].numpy() for p in st["rpn_proposals"]],
+                               rh.cfg.train_cfg[0])
     rcnn = [inject["rcnn"]]
     for k in range(1, rh.num_stages):
         prev_cfg, cur_cfg = rh.cfg.train_cfg[k - 1].sampler, rh.cfg.train_cfg[k].sampler
@@ -331,6 +331,7 @@ def gradient_noise_per_param(ref, images, gts, inject, rel=1e-6, draws=2):
     return worst
 
 
+@pytest.mark.goldens
 @pytest.mark.slow  # one XLA compile of the cascade's loss + gradients (~1-2 min on 2 cores)
 @pytest.mark.parametrize("mask", [MASK, BBOX])
 def test_training_equals_reference(mask, cases):
@@ -342,8 +343,15 @@ def test_training_equals_reference(mask, cases):
     8-channel mask heads of the later stages, with few positives, sit on ReLU boundaries), within 4x its
     own noise. Both are printed."""
     from flaxdet.training.step import loss_and_grads
-    from parity_tests.test_train_reference import (GRAD_TOL, LOSS_TOL, grad_errors, make_case, photo_crops,
-                                                   reference_step, rel_loss_err)
+    from parity_tests.test_train_reference import (
+        GRAD_TOL,
+        LOSS_TOL,
+        grad_errors,
+        make_case,
+        photo_crops,
+        reference_step,
+        rel_loss_err,
+    )
     from parity_tests.train_golden import flaxdet_batch
 
     case = cases(mask)
@@ -382,6 +390,7 @@ def test_training_equals_reference(mask, cases):
     assert not bad, bad
 
 
+@pytest.mark.goldens
 @pytest.mark.slow  # one XLA compile of the jitted train step (~1-2 min on 2 cores)
 @pytest.mark.parametrize("mask", [MASK, BBOX])
 def test_fine_tune_lowers_the_loss_and_keeps_frozen_params(mask, cases, tmp_path):
@@ -389,7 +398,7 @@ def test_fine_tune_lowers_the_loss_and_keeps_frozen_params(mask, cases, tmp_path
     samples each step) lower the total loss and every stage's; frozen_stages parameters do not move."""
     from flaxdet.data.coco import CocoDataset, TrainLoader
     from flaxdet.data.synthetic import make_synthetic_coco
-    from flaxdet.training.loop import make_optimizer
+    from flaxdet.training.optimizers import make_optimizer
     from flaxdet.training.step import TrainState
 
     flax, _ = _converted(cases(mask))
@@ -429,6 +438,7 @@ def test_cli_presets_lists_the_cascades():
         assert "CascadeRCNN" in lines[name] and "ResNet-50" in lines[name] and "80 classes" in lines[name]
 
 
+@pytest.mark.goldens
 @pytest.mark.slow  # three CLI processes, each compiling the small cascade (~1-2 min each on 2 cores)
 @pytest.mark.parametrize("mask", [MASK, BBOX])
 def test_cli_convert_infer_parity(mask, cases, tmp_path):

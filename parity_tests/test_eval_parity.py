@@ -13,12 +13,14 @@ import torch
 
 from flaxdet.config import load_config
 from flaxdet.evaluation import evaluate
-from flaxdet.models.detectors.two_stage import build_detector as build_flax
+from flaxdet.models import build_detector as build_flax
 from flaxdet_converters.checkpoint_io import load_checkpoint
 from flaxdet_converters.convert import load_visdet_state_dict
 from flaxdet_reference import build_detector as build_ref
 from flaxdet_reference.models import load_state_dict_strict
 from parity_tests.goldens import GOLDENS, IMAGES, golden_image, require_goldens
+
+pytestmark = pytest.mark.goldens
 
 
 @pytest.mark.parametrize("case", ["mask_rcnn_tiny_r18"])

@@ -12,14 +12,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flaxdet import fast_paths
 from flaxdet.config import load_config
 from flaxdet.inference import Detector, make_batch, unpad
-from flaxdet.models.detectors.two_stage import build_detector
+from flaxdet.models import build_detector
 from flaxdet.parity import TOLERANCES, compare_array, compare_detections, format_table
 from flaxdet.parity.harness import compare_stages, flaxdet_stages, geometry_of
 from flaxdet_converters.checkpoint_io import load_checkpoint
 from flaxdet_converters.convert import load_visdet_state_dict
 from parity_tests.goldens import CASES, GOLDENS, IMAGES, WEIGHT_FILES, config_path, golden_image
+
+pytestmark = pytest.mark.goldens
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,6 +68,24 @@ def test_end_to_end_jit(case, image, weights):
     rows = compare_stages(ours, g.arrays, bbox_geometry=bgeo, mask_geometry=mgeo, scale_factor=g.meta["scale_factor"])
     check(rows)
     assert ours["_n_proposals"] == len(g["proposals.bboxes"])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_end_to_end_jit_plain_paths(case):
+    """The same contract with every fast path off (what GPU / TPU run by default): plain convolutions and
+    gradients, RoIAlign over whole maps, the mask branch on every detection row."""
+    g = golden_image(case, IMAGES[0])
+    model = build_detector(load_config(config_path(case)))
+    load_visdet_state_dict(model, load_checkpoint(GOLDENS / case / "state_dict.pth").state_dict)
+    with fast_paths.use("none"):
+        det = Detector(model)
+        batch = make_batch([g["input_bgr_uint8"]], [g.meta])
+        dets, stages = jax.device_get(det.predict_batch(batch, with_stages=True))
+        boxes_only = det.detect([g["input_bgr_uint8"]], [g.meta])[0]  # the two-jit path: boxes, then masks
+    ours = flaxdet_stages(stages, unpad(dets, batch)[0])
+    bgeo, mgeo = geometry_of(det.cfg)
+    check(compare_stages(ours, g.arrays, bbox_geometry=bgeo, mask_geometry=mgeo, scale_factor=g.meta["scale_factor"]))
+    np.testing.assert_array_equal(boxes_only["masks"], unpad(dets, batch)[0]["masks"])
 
 
 @pytest.mark.parametrize("image", IMAGES)

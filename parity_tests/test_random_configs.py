@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from flaxdet.config import load_config
 from flaxdet.inference import Detector, make_batch, unpad
-from flaxdet.models.detectors.two_stage import build_detector as build_flax
+from flaxdet.models import build_detector as build_flax
 from flaxdet.parity import compare_array, format_table
 from flaxdet.parity.harness import compare_stages, flaxdet_stages, geometry_of, torch_stages
 from flaxdet_converters.convert import load_visdet_state_dict
@@ -89,7 +89,8 @@ def test_random_config_end_to_end(depth, base, style, classes, fc, mask_ch, h0, 
     assert report.ok
     rng = np.random.default_rng(seed)
     imgs = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in ((h0, w0), (h1, w1))]
-    metas = [dict(ori_shape=(h, w), img_shape=(h, w), scale_factor=(1.0, 1.0, 1.0, 1.0)) for h, w in ((h0, w0), (h1, w1))]
+    metas = [dict(ori_shape=(h, w), img_shape=(h, w), scale_factor=(1.0, 1.0, 1.0, 1.0))
+             for h, w in ((h0, w0), (h1, w1))]
     stages = {}
     ref.predict([torch.from_numpy(i).permute(2, 0, 1).contiguous() for i in imgs], metas, stages=stages)
     theirs = torch_stages(stages)
@@ -100,7 +101,8 @@ def test_random_config_end_to_end(depth, base, style, classes, fc, mask_ch, h0, 
     # batch stages: compare both images for the dense stages
     rows = [compare_array(k, np.asarray(fst[k]).transpose(0, 3, 1, 2), theirs[k]) for k in
             ("backbone.3", "neck.0", "neck.4")]
-    rows[0:0] = [compare_array("preprocessed", np.asarray(fst["preprocessed"]).transpose(0, 3, 1, 2), theirs["preprocessed"])]
+    rows[0:0] = [compare_array("preprocessed", np.asarray(fst["preprocessed"]).transpose(0, 3, 1, 2),
+                               theirs["preprocessed"])]
     n_prop, n_det = len(theirs["proposals.bboxes"]), len(theirs["det.bboxes"])
     first = {k: v[:1] for k, v in theirs.items() if k.startswith(("backbone", "neck", "rpn_head"))}
     first.update({k: theirs[k][:n_prop] for k in ("bbox_roi_extractor", "bbox_head.cls_score", "bbox_head.bbox_pred")})

@@ -12,12 +12,20 @@ import numpy as np
 import pytest
 import torch
 
-from flaxdet.parity import (MASK_PIXELS_PER_IMAGE, MASK_PIXELS_TEACHER_FORCED, TOLERANCES, compare_array,
-                            compare_detections, format_table)
+from flaxdet.parity import (
+    MASK_PIXELS_PER_IMAGE,
+    MASK_PIXELS_TEACHER_FORCED,
+    TOLERANCES,
+    compare_array,
+    compare_detections,
+    format_table,
+)
+from flaxdet_converters.checkpoint_io import load_checkpoint
 from flaxdet_reference import build_detector
 from flaxdet_reference.models import load_state_dict_strict
-from flaxdet_converters.checkpoint_io import load_checkpoint
 from parity_tests.goldens import CASES, IMAGES, config_path, golden_image
+
+pytestmark = pytest.mark.goldens
 
 _MODELS = {}
 

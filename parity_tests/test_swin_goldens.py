@@ -23,7 +23,7 @@ from flax import nnx
 
 from flaxdet.config import load_config
 from flaxdet.inference import make_batch, unpad
-from flaxdet.models.detectors.two_stage import build_detector
+from flaxdet.models import build_detector
 from flaxdet.parity import format_table
 from flaxdet.parity.harness import compare_stages, flaxdet_stages, geometry_of
 from flaxdet_converters.checkpoint_io import load_checkpoint
@@ -42,16 +42,19 @@ def _sd(weights="state_dict.pth"):
 
 
 # ----------------------------------------------------------------------------- (a) reference/
+@pytest.mark.goldens
 @pytest.mark.parametrize("image", IMAGES)
 def test_reference_teacher_forced(image):
     reference_goldens.test_teacher_forced_stages(SWIN, image)
 
 
+@pytest.mark.goldens
 @pytest.mark.parametrize("image", IMAGES)
 def test_reference_end_to_end(image):
     reference_goldens.test_end_to_end(SWIN, image)
 
 
+@pytest.mark.goldens
 def test_reference_keys_are_the_golden_keys():
     m = reference_goldens.model_for(SWIN)
     own = m.state_dict()
@@ -84,6 +87,7 @@ def _e2e_params():
     return out
 
 
+@pytest.mark.goldens
 @pytest.mark.parametrize("image,weights", _e2e_params())
 def test_flaxdet_end_to_end_jit(image, weights):
     g = golden_image(SWIN, image)
@@ -101,6 +105,7 @@ def test_flaxdet_end_to_end_jit(image, weights):
     np.testing.assert_array_equal(ours["det.labels"], g["det.labels"])
 
 
+@pytest.mark.goldens
 @pytest.mark.slow
 @pytest.mark.parametrize("image", IMAGES)
 def test_flaxdet_teacher_forced(image):
@@ -108,6 +113,7 @@ def test_flaxdet_teacher_forced(image):
 
 
 # ----------------------------------------------------------------------------- (c) round trip
+@pytest.mark.goldens
 @pytest.mark.parametrize("weights", WEIGHT_FILES)
 def test_round_trip_bit_identical(weights):
     sd = _sd(weights)
@@ -122,6 +128,7 @@ def test_round_trip_bit_identical(weights):
     assert back["backbone.stages.3.blocks.1.attn.w_msa.relative_position_index"].dtype == np.int64
 
 
+@pytest.mark.goldens
 def test_mmdet_key_dialect():
     """Upstream MMDetection spells the patch embedding ``patch_embed.projection``."""
     sd = OrderedDict((k.replace(".patch_embed.proj.", ".patch_embed.projection."), v) for k, v in _sd().items())
@@ -163,6 +170,7 @@ def _to_official(sd):
     return out
 
 
+@pytest.mark.goldens
 def test_official_swin_checkpoint_converts_back():
     sd = _sd()
     official = _to_official(sd)

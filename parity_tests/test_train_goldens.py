@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 
 from flaxdet.config import load_config
-from flaxdet.models.detectors.two_stage import build_detector
+from flaxdet.models import build_detector
 from flaxdet.parity import TOLERANCES
 from flaxdet.training.step import loss_and_grads
 from flaxdet_converters.checkpoint_io import load_checkpoint
 from flaxdet_converters.convert import load_visdet_state_dict
 from parity_tests.goldens import GOLDENS
 from parity_tests.train_golden import build_batch_and_injection, load_train_golden
+
+pytestmark = pytest.mark.goldens
 
 
 @pytest.fixture(scope="module")

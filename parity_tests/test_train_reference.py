@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from flaxdet.config import load_config
-from flaxdet.models.detectors.two_stage import build_detector as build_flax
+from flaxdet.models import build_detector as build_flax
 from flaxdet.parity import TOLERANCES, compare_detections, format_table
 from flaxdet.training.step import loss_and_grads
 from flaxdet_converters.convert import load_visdet_state_dict
@@ -35,6 +35,8 @@ from flaxdet_reference import load_detector
 from flaxdet_reference.models.detectors.two_stage import parse_losses
 from parity_tests.goldens import GOLDENS, IMAGES, config_path, golden_image, require_goldens
 from parity_tests.train_golden import flaxdet_batch, flaxdet_injection, load_train_golden
+
+pytestmark = pytest.mark.goldens
 
 LOSS_TOL = TOLERANCES["train.loss"].rtol
 GRAD_TOL = TOLERANCES["train.grad"].rtol
@@ -342,12 +344,12 @@ def test_flaxdet_equals_reference_random_configs(depth, base, classes, fc, mask_
     assume(compare_flaxdet_to_reference(ref, images, gts, seed) is not None)
 
 
-# -- config options beyond the presets' defaults: SmoothL1Loss, pos_weight ---------------------------------------------------------------
+# -- config options beyond the presets' defaults: SmoothL1Loss, pos_weight --------------------------------------------
 
 @pytest.mark.slow
 def test_flaxdet_honours_smooth_l1_and_pos_weight():
-    from parity_tests.test_random_configs import conditioned_weights
     from flaxdet.config import SmoothL1LossCfg
+    from parity_tests.test_random_configs import conditioned_weights
 
     cfg = load_config(config_path("mask_rcnn_tiny_r18"))
     rh, tc = cfg.roi_head, cfg.train_cfg

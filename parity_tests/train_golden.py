@@ -13,7 +13,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 
-from flaxdet.training.forward import pad_ground_truth, rpn_anchor_flags
+from flaxdet.data.transforms import pad_ground_truth
 from parity_tests.goldens import GOLDENS, require_goldens
 
 G_MAX = 8
@@ -50,22 +50,22 @@ def flaxdet_batch(images, img_shapes, gts, g_max, batch_hw, pad_size_divisor=32)
     return batch
 
 
-def flaxdet_injection(model, batch, samples, num_gts, proposals=None):
+def flaxdet_injection(model, batch, samples, num_gts, proposals=None, rcnn_train_cfg=None):
     """samples: dict(rpn=[(pos, neg) per image], rcnn=[(pos, neg) per image]) in visdet's index spaces
-    (module doc); proposals: per image (P_i, 4) arrays or None. Returns flaxdet's ``inject``."""
+    (module doc); proposals: per image (P_i, 4) arrays or None; ``rcnn_train_cfg``: the RoI stage's train
+    config (default: the Standard RoI head's). Returns flaxdet's ``inject``."""
     g_max = batch["gt_bboxes"].shape[1]
     hp, wp = batch["images"].shape[1:3]
     strides = [s[0] for s in model.rpn_head.prior_generator.strides]
     sizes = [(int(np.ceil(hp / s)), int(np.ceil(wp / s))) for s in strides]
-    rcfg = model.roi_head.cfg.train_cfg.sampler
+    rcfg = (rcnn_train_cfg or model.roi_head.cfg.train_cfg).sampler
     pcfg = model.rpn_head.cfg.train_cfg.sampler
     caps = {"rpn": (int(pcfg.num * pcfg.pos_fraction), pcfg.num), "rcnn": (int(rcfg.num * rcfg.pos_fraction), rcfg.num)}
     inject = {"rpn": {}, "rcnn": {}}
     for i, k in enumerate(num_gts):
-        _, flags = rpn_anchor_flags(model.rpn_head, sizes, batch["pad_shapes"][i], batch["img_shapes"][i],
-                                    model.rpn_head.cfg.train_cfg.allowed_border)
+        _, flags = model.rpn_head.anchors_and_flags(sizes, batch["pad_shapes"][i], batch["img_shapes"][i])
         full = np.nonzero(np.asarray(flags))[0]
-        maps = {"rpn": lambda a: full[np.asarray(a, np.int64)],
+        maps = {"rpn": lambda a, full=full: full[np.asarray(a, np.int64)],
                 "rcnn": lambda a, k=k: np.where(np.asarray(a) < k, a, np.asarray(a) - k + g_max)}
         for stage in ("rpn", "rcnn"):
             for part, cap, idx in zip(("pos", "neg"), caps[stage], samples[stage][i]):

@@ -27,7 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from flaxdet.data.transforms import ImageError, load_image, rescale_size
+from flaxdet.data.transforms import load_image, rescale_size
 
 
 class DatasetError(ValueError):
@@ -137,7 +137,8 @@ def load_train_sample(ds: CocoDataset, rec: Record, scale, flip: bool, with_mask
     img = load_image(rec.path)
     h, w = img.shape[:2]
     if (h, w) != (rec.height, rec.width):
-        warnings.warn(f"{rec.path}: size {w}x{h} differs from the annotation's {rec.width}x{rec.height}")
+        warnings.warn(f"{rec.path}: size {w}x{h} differs from the annotation's {rec.width}x{rec.height}",
+                      stacklevel=2)
     nw, nh = rescale_size(w, h, scale)
     img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)
     sx, sy = nw / w, nh / h
@@ -163,7 +164,7 @@ def bucket_for(img_shape, scale, divisor=32):
 
 
 def collate(samples, bucket, max_gt, divisor=32):
-    from flaxdet.training.forward import own_pad_shape, pad_ground_truth
+    from flaxdet.data.transforms import own_pad_shape, pad_ground_truth
 
     hp, wp = bucket
     n = len(samples)
@@ -173,7 +174,8 @@ def collate(samples, bucket, max_gt, divisor=32):
     gts = [s[1] for s in samples]
     for i, g in enumerate(gts):
         if len(g["bboxes"]) > max_gt:
-            warnings.warn(f"image {i}: {len(g['bboxes'])} GT boxes > max_gt={max_gt}; keeping the first {max_gt}")
+            warnings.warn(f"image {i}: {len(g['bboxes'])} GT boxes > max_gt={max_gt}; keeping the first {max_gt}",
+                          stacklevel=2)
             gts[i] = {k: (v[:max_gt] if v is not None else None) for k, v in g.items()}
     batch = dict(images=images, img_shapes=np.array([s[2]["img_shape"] for s in samples], np.int32),
                  pad_shapes=np.array([own_pad_shape(s[2]["img_shape"], divisor) for s in samples], np.int32))

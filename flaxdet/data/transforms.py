@@ -7,9 +7,13 @@ visdet ``Resize(scale=(1333, 800), keep_ratio=True)`` (``visdet/cv/transforms/pr
     new_w = int(w * sf + 0.5);  new_h = int(h * sf + 0.5)
     img   = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     scale_factor = float32 [new_w / w, new_h / h, new_w / w, new_h / h]
+
+Training batches: :func:`pad_ground_truth` packs per-image GTs into padded arrays with a valid mask (the
+static-shape form the training forward takes), :func:`own_pad_shape` is an image's own padded extent.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import cv2
@@ -54,3 +58,27 @@ def prepare_test_image(path: str | Path, scale=DEFAULT_TEST_SCALE) -> tuple[np.n
     img, meta = resize_keep_ratio(load_image(path), scale)
     meta["img_path"] = str(path)
     return img, meta
+
+
+def pad_ground_truth(gts, g_max, hp, wp):
+    """Host side: list of dicts (bboxes (k,4), labels (k,), masks (k,h,w) or None) -> padded arrays."""
+    n = len(gts)
+    boxes = np.zeros((n, g_max, 4), np.float32)
+    labels = np.zeros((n, g_max), np.int32)
+    valid = np.zeros((n, g_max), bool)
+    masks = np.zeros((n, g_max, hp, wp), np.uint8)
+    for i, gt in enumerate(gts):
+        k = len(gt["bboxes"])
+        if k > g_max:
+            raise ValueError(f"image {i} has {k} GT boxes > capacity {g_max}; raise max_gt")
+        boxes[i, :k] = gt["bboxes"]
+        labels[i, :k] = gt["labels"]
+        valid[i, :k] = True
+        if gt.get("masks") is not None and k:
+            m = np.asarray(gt["masks"])
+            masks[i, :k, : m.shape[1], : m.shape[2]] = m
+    return dict(gt_bboxes=boxes, gt_labels=labels, gt_valid=valid, gt_masks=masks)
+
+
+def own_pad_shape(img_shape, divisor=32):
+    return tuple(int(math.ceil(s / divisor)) * divisor for s in img_shape[:2])

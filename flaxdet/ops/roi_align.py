@@ -1,36 +1,12 @@
 """RoIAlign equal to ``torchvision.ops.roi_align`` (CPU kernel ``roi_align_kernel.cpp``) for every RoI.
 
-Features NHWC (B, H, W, C); rois (K, 5) ``[batch_idx, x1, y1, x2, y2]``; output (K, oh, ow, C).
-torchvision, per axis (y shown): ``offset = 0.5 if aligned else 0``; ``start = y1 * scale - offset``;
-``roi_h = y2 * scale - offset - start`` (``max(roi_h, 1)`` only when not aligned); ``bin = roi_h / oh``;
-``grid = sampling_ratio if > 0 else ceil(bin)``; samples ``y = start + p * bin + (iy + .5) * bin / grid``;
-a sample with ``y < -1 or y > H or x < -1 or x > W`` contributes 0 (but is counted); otherwise
-``y = max(y, 0)``, ``y_low = int(y)``, at ``y_low >= H - 1`` both neighbours are row H - 1, and the value
-is bilinear; a bin is its sample sum divided by ``max(grid_h * grid_w, 1)`` (0 when a grid is <= 0).
+Features NHWC (B, H, W, C); rois (K, 5) ``[batch_idx, x1, y1, x2, y2]``; output (K, oh, ow, C). The sampling
+rules and their separable form are in :mod:`flaxdet.ops.roi_align_plan`.
 
-Design (exact, bounded memory). A sample's weight is separable, ``w(y, x) = wy(y) * wx(x)`` (the
-out-of-range rule is a product of per-axis indicators), so bin (p, q) equals
-``Wy[p] . F[b] . Wx[q]^T / count`` with per-RoI interpolation matrices Wy (oh, rows), Wx (ow, cols).
-Row r of Wy only takes weight from samples whose clamped position lies in [r - 1, r + 1) (row 0 also
-from [-1, 0], the last row up to H); the adaptive grid spaces samples by ``bin / ceil(bin) > 0.5``, so
-that is at most 4 samples, located arithmetically: Wy costs O(oh * rows * 8) whatever the grid, so huge
-RoIs and elongated ones (grids far above 30) are exact. A fixed ``sampling_ratio`` enumerates its samples.
-
-The contraction runs on the smallest square crop of ``SMALL_WINDOWS`` / ``window`` (8 .. 48) holding the
-RoI's support (``dynamic_slice``), ``chunk`` RoIs at a time (``lax.map`` of ``vmap``; RoIs sorted by crop
-tier, one ``lax.switch`` per chunk): memory O(chunk * window^2 * C); 48 covers ~90% of FPN-assigned RoIs.
-Each RoI's geometry and interpolation matrices are computed once, for all RoIs together, on the ``window``
-crop; a tier's branch slices them (``_tier_fwd``), so the branches (and their linearisation in training)
-hold only the crop and the two contractions: measured on a 4-level FPN extractor's gradient (1024 RoIs,
-800x1333, 2 images), trace 4.9 -> 1.9 s, XLA compile 14.2 -> 7.4 s, run 1.8 -> 1.5 s. The rest (elongated,
-or large for the map) are redone
-one at a time by a while loop over just those RoIs, on a ``big_window`` crop or the whole map
-(``lax.switch``): extra memory O(H * W * C). The op is linear in ``features``; that loop has an explicit
-VJP, so reverse-mode gradients reach ``features`` (not forward-mode; RoI coordinates are constants, as
-in torchvision). Rows marked False in ``valid`` give zeros and cost nothing: RoIs are sorted valid-first
-and chunks without a valid RoI are skipped (pass the level mask in an FPN extractor). Under an outer
-``vmap`` conds/switches become selects: correct, but every branch runs. Geometry is computed in
-``promote_types(features.dtype, float32)``.
+Plain path (this module): each RoI is ``Wy . F[b] . Wx^T / count`` over its image's whole map, ``chunk``
+RoIs at a time (``lax.map`` of ``vmap``, a chunk's maps bounded to ~256 MB), gradients by XLA. Exact, simple,
+and on XLA:CPU slow for large maps: the ``roi_align_tiers`` fast path
+(:mod:`flaxdet.fast_paths.roi_align_tiers`, on by default on CPU) gives the same values on small crops.
 """
 from __future__ import annotations
 
@@ -39,219 +15,41 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from flaxdet.ops import exact_div
+from flaxdet import fast_paths
+from flaxdet.fast_paths.roi_align_tiers import roi_align_tiers
+from flaxdet.ops.roi_align_plan import contract, plan
 
-_HI = jax.lax.Precision.HIGHEST
-SMALL_WINDOWS = (8, 16, 24, 32)  # crop tiers below ``window`` (see _roi_align)
-
-
-def _geometry(roi, scale, out_hw, sampling_ratio, aligned):
-    """Per axis (y, x): (start, bin size, grid count) in the feature dtype, as torchvision computes them."""
-    off = 0.5 if aligned else 0.0
-    geo = []
-    for lo_i, hi_i, n in ((2, 4, out_hw[0]), (1, 3, out_hw[1])):
-        start = roi[lo_i] * scale - off
-        size = roi[hi_i] * scale - off - start
-        if not aligned:
-            size = jnp.maximum(size, 1.0)
-        bin_size = exact_div(size, n)  # not size * (1/n): ceil(bin_size) below must see torch's quotient
-        grid = jnp.asarray(sampling_ratio, roi.dtype) if sampling_ratio > 0 else jnp.ceil(bin_size)
-        geo.append((start, bin_size, grid))
-    return geo
+_CHUNK_BYTES = 256 << 20  # per chunk of gathered feature maps in the plain path
 
 
-def _support(start, bin_size, n_out, size):
-    """Inclusive row range [lo, hi] that can receive weight (1 row of slack for float rounding)."""
-    end = start + bin_size * n_out
-    a = jnp.floor(jnp.clip(jnp.minimum(start, end), 0, size - 1)) - 1
-    b = jnp.floor(jnp.clip(jnp.maximum(start, end), 0, size - 1)) + 2
-    return jnp.clip(a, 0, size - 1).astype(jnp.int32), jnp.clip(b, 0, size - 1).astype(jnp.int32)
-
-
-def _crop_origin(lo, size, win):
-    return jnp.clip(lo, 0, size - win)
-
-
-def _axis_weights(start, bin_size, grid, n_out, size, r0, win, sampling_ratio):
-    """(n_out, win) summed bilinear weights of rows r0 .. r0 + win - 1 for each output bin.
-
-    Row r takes weight only from samples with clamped position in [r - 1, r + 1) (row 0 also from
-    [-1, 0], row size - 1 up to size). With a fixed ``sampling_ratio`` all its samples are
-    enumerated; with the adaptive grid (spacing > 0.5 when grid > 1) at most 5 samples fall in
-    such an interval, so 8 candidates starting 2 before the first one (found arithmetically) suffice.
-    """
-    dt = start.dtype
-    bin_start = start + jnp.arange(n_out, dtype=dt)[:, None, None] * bin_size  # (n_out, 1, 1)
-    rows = r0 + jnp.arange(win)[None, :, None]  # (1, win, 1)
-    if sampling_ratio > 0:
-        t = jnp.arange(sampling_ratio, dtype=dt)[None, None, :]
-    else:
-        f = jnp.ceil((rows.astype(dt) - 1.0 - bin_start) / exact_div(bin_size, grid) - 0.5) - 2
-        t = jnp.where(jnp.isnan(f), 2 ** 24, jnp.clip(f, -2, 2 ** 24)) + jnp.arange(8, dtype=dt)
-    y = bin_start + exact_div((t + 0.5) * bin_size, grid)  # torchvision's sample positions, same rounding
-    ok = (t >= 0) & (t < grid) & (y >= -1.0) & (y <= size)
-    y = jnp.maximum(jnp.where(ok, y, 0), 0)
-    low = jnp.floor(y).astype(jnp.int32)
-    top = low >= size - 1
-    low = jnp.where(top, size - 1, low)
-    ly = jnp.where(top, 0, y - low.astype(dt))
-    w = jnp.where(ok & (low == rows), 1.0 - ly, 0) + jnp.where(ok & (low + 1 == rows), ly, 0)
-    return w.sum(-1)
-
-
-def _plan(roi, win, hw, args):
-    """Crop start (b, r0, c0, 0), interpolation matrices Wy (oh, win_h), Wx (ow, win_w) and the count."""
-    out_hw, scale, sampling_ratio, aligned = args
-    (ys, yb, yg), (xs, xb, xg) = _geometry(roi, scale, out_hw, sampling_ratio, aligned)
-    r0 = _crop_origin(_support(ys, yb, out_hw[0], hw[0])[0], hw[0], win[0])
-    c0 = _crop_origin(_support(xs, xb, out_hw[1], hw[1])[0], hw[1], win[1])
-    wy = _axis_weights(ys, yb, yg, out_hw[0], hw[0], r0, win[0], sampling_ratio)
-    wx = _axis_weights(xs, xb, xg, out_hw[1], hw[1], c0, win[1], sampling_ratio)
-    return (roi[0].astype(jnp.int32), r0, c0, jnp.int32(0)), wy, wx, jnp.maximum(yg * xg, 1.0)
-
-
-def _contract(patch, wy, wx, count):
-    """(oh, ow, C) bins of a (win_h, win_w, C) crop: ``wy @ patch @ wx^T / count``. Rows first as one
-    matmul (oh, win_h) @ (win_h, win_w * C); the column contraction is a fused multiply-sum (a second
-    dot would transpose the crop: measured 1.5x slower on XLA:CPU)."""
-    t = jnp.matmul(wy, patch.reshape(patch.shape[0], -1), precision=_HI).reshape(wy.shape[0], patch.shape[1], -1)
-    return (t[:, None] * wx[None, :, :, None]).sum(2) / count
-
-
-def _crop_fwd(feat, roi, win, args):
-    """One RoI from the (win_h, win_w) crop of its image's map that holds its support."""
-    start, wy, wx, count = _plan(roi, win, feat.shape[1:3], args)
-    return _contract(jax.lax.dynamic_slice(feat, start, (1, *win, feat.shape[3]))[0], wy, wx, count)
-
-
-def _crop_bwd(d, roi, g, win, args):
-    """d + the transpose of ``_crop_fwd`` applied to the cotangent g (oh, ow, C)."""
-    start, wy, wx, count = _plan(roi, win, d.shape[1:3], args)
-    dp = jnp.einsum("ph,pwc->hwc", wy, jnp.einsum("pqc,qw->pwc", g / count, wx, precision=_HI), precision=_HI)
-    return jax.lax.dynamic_update_slice(d, jax.lax.dynamic_slice(d, start, (1, *win, d.shape[3])) + dp[None], start)
-
-
-def _tier_fwd(feat, ints, wy, wx, count, win):
-    """``_crop_fwd`` on crop ``win`` from the RoI's plan at the largest small tier: ``ints`` is
-    (image, support row, support col, top-tier crop row, top-tier crop col), ``wy`` (oh, top_h) and
-    ``wx`` (ow, top_w) its interpolation matrices. The crop at ``win`` starts at ``min(lo, size - win)``,
-    inside the top-tier crop, and its weights are the matching columns of ``wy`` / ``wx`` (each row's
-    weight depends on the row alone): one plan per RoI for every tier, no per-tier geometry."""
-    b, ylo, xlo, r_top, c_top = ints
-    r0 = jnp.minimum(ylo, feat.shape[1] - win[0])
-    c0 = jnp.minimum(xlo, feat.shape[2] - win[1])
-    z = jnp.zeros_like(r0)  # index dtypes must agree (int32, also under x64)
-    wy = jax.lax.dynamic_slice(wy, (z, r0 - r_top), (wy.shape[0], win[0]))
-    wx = jax.lax.dynamic_slice(wx, (z, c0 - c_top), (wx.shape[0], win[1]))
-    return _contract(jax.lax.dynamic_slice(feat, (b, r0, c0, z), (1, *win, feat.shape[3]))[0], wy, wx, count)
-
-
-def _supports(roi, hw, args):
-    """(ylo, yhi, xlo, xhi): the RoI's inclusive support rows and columns (``_support``)."""
-    out_hw, scale, sampling_ratio, aligned = args
-    (ys, yb, _), (xs, xb, _) = _geometry(roi, scale, out_hw, sampling_ratio, aligned)
-    return (*_support(ys, yb, out_hw[0], hw[0]), *_support(xs, xb, out_hw[1], hw[1]))
-
-
-def _misses(sup, windows, hw):
-    """(K,) int32: how many of ``windows`` (nested, smallest first) each RoI's support ``sup``
-    (``_supports``, vmapped) does not fit."""
-    ylo, yhi, xlo, xhi = sup
-    return sum((~((yhi < _crop_origin(ylo, hw[0], t[0]) + t[0]) & (xhi < _crop_origin(xlo, hw[1], t[1]) + t[1])))
-               .astype(jnp.int32) for t in windows)
-
-
-def _big_rows(tier):
-    return jnp.argsort(tier == 0, stable=True), (tier > 0).sum()
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _redo_big(features, rois, tier, out, tiers, args):
-    """Rows with tier t > 0 of ``out`` recomputed on crop ``tiers[t - 1]``, looping over those rows only
-    (a while loop, hence the explicit VJP: the op is linear in ``features``)."""
-    order, n = _big_rows(tier)
-    branches = [partial(_crop_fwd, win=t, args=args) for t in tiers]
-
-    def body(i, out):
-        k = order[i]
-        return out.at[k].set(jax.lax.switch(tier[k] - 1, branches, features, rois[k]))
-
-    return jax.lax.fori_loop(0, n, body, out)
-
-
-def _redo_big_fwd(features, rois, tier, out, tiers, args):
-    spec = jnp.zeros((features.shape[0], 0, 0, 0), features.dtype)  # carries B and the dtype, no data
-    return _redo_big(features, rois, tier, out, tiers, args), (rois, tier, spec)
-
-
-def _redo_big_bwd(tiers, args, res, g):
-    rois, tier, spec = res
-    order, n = _big_rows(tier)
-    branches = [partial(_crop_bwd, win=t, args=args) for t in tiers]
-
-    def body(i, d):
-        k = order[i]
-        return jax.lax.switch(tier[k] - 1, branches, d, rois[k], g[k])
-
-    d = jnp.zeros((spec.shape[0], *tiers[-1], g.shape[-1]), g.dtype)  # tiers[-1] is the full map
-    d = jax.lax.fori_loop(0, n, body, d).astype(spec.dtype)
-    return d, None, None, jnp.where((tier > 0)[:, None, None, None], 0, g)
-
-
-_redo_big.defvjp(_redo_big_fwd, _redo_big_bwd)
-
-
-@partial(jax.jit, static_argnames=("output_size", "spatial_scale", "sampling_ratio", "aligned", "chunk",
-                                   "window", "big_window"))
-def _roi_align(features, rois, valid, output_size, spatial_scale, sampling_ratio, aligned, chunk, window,
-               big_window):
+@partial(jax.jit, static_argnames=("output_size", "spatial_scale", "sampling_ratio", "aligned", "chunk"))
+def roi_align_plain(features, rois, valid, output_size, spatial_scale, sampling_ratio, aligned, chunk):
     _, h, w, c = features.shape
     k = rois.shape[0]
     if k == 0:
         return jnp.zeros((0, *output_size, c), features.dtype)
     rois = jax.lax.stop_gradient(rois).astype(jnp.promote_types(features.dtype, jnp.float32))
     args = (output_size, spatial_scale, sampling_ratio, aligned)
-    tiers = sorted({(min(window, h), min(window, w)), (min(big_window, h), min(big_window, w)), (h, w)})
-    # Window tiers: each RoI is contracted on the smallest square crop (SMALL_WINDOWS up to ``window``)
-    # that holds its support -- the crop copy dominates the cost, so a 20-pixel RoI must not pay for a
-    # 48-pixel crop. RoIs are sorted (valid first, then by tier) and cut into whole chunks; each chunk
-    # runs at the tier of its largest RoI (lax.switch inside lax.map: only that branch runs), chunks
-    # without a valid RoI are skipped (e.g. the RoIs of other levels in an FPN extractor). RoIs that fit
-    # no small tier are computed at the largest and redone below on a bigger crop.
-    # One plan per RoI (geometry, supports, interpolation matrices on the largest small crop), computed
-    # for all RoIs at once; each tier's branch only slices it (``_tier_fwd``).
-    small = sorted({(min(t, h), min(t, w)) for t in SMALL_WINDOWS if t < window} | {tiers[0]})
-    sup = jax.vmap(lambda q: _supports(q, (h, w), args))(rois)
-    key = jnp.where(valid, jnp.minimum(_misses(sup, small, (h, w)), len(small) - 1), len(small))
-    (img, r_top, c_top, _), wy, wx, count = jax.vmap(lambda q: _plan(q, small[-1], (h, w), args))(rois)
-    ints = jnp.stack([img, sup[0], sup[2], r_top, c_top], 1)
-    m = min(chunk, k)
+
+    def one(roi):
+        (img, _, _, _), wy, wx, count = plan(roi, (h, w), (h, w), args)
+        return contract(features[img], wy, wx, count)
+
+    m = max(1, min(chunk, k, _CHUNK_BYTES // (h * w * c * features.dtype.itemsize)))
     n = -(-k // m)
-    perm = jnp.argsort(key, stable=True)
-    pad = n * m - k
-
-    def chunked(a, fill=0):  # (K, ...) -> (n, m, ...) in sorted order, padded rows ``fill``
-        return jnp.concatenate([a[perm], jnp.full((pad, *a.shape[1:]), fill, a.dtype)]).reshape(n, m, *a.shape[1:])
-
-    ck = chunked(key, len(small))
-    live = ck.min(1) < len(small)
-    branch = jnp.where(live, jnp.max(jnp.where(ck < len(small), ck, 0), 1) + 1, 0)
-    zeros = jnp.zeros((m, *output_size, c), rois.dtype)
-    branches = [lambda _: zeros] + [jax.vmap(lambda p, t=t: _tier_fwd(features, *p, t)) for t in small]
-    out = jax.lax.map(lambda x: jax.lax.switch(x[1], branches, x[0]),
-                      ((chunked(ints), chunked(wy), chunked(wx), chunked(count, 1)), branch))
-    out = out.reshape(n * m, *output_size, c)[jnp.argsort(perm)]
-    if len(tiers) > 1:  # tier: how many crops (smallest first, full map excluded) the RoI does not fit
-        tier = _misses(sup, tiers[:-1], (h, w))
-        out = _redo_big(features, rois, jnp.where(valid, tier, 0), out, tuple(tiers[1:]), args)
+    padded = jnp.concatenate([rois, jnp.zeros((n * m - k, 5), rois.dtype)]).reshape(n, m, 5)
+    out = jax.lax.map(jax.vmap(one), padded).reshape(n * m, *output_size, c)[:k]
     return jnp.where(valid[:, None, None, None], out, 0).astype(features.dtype)
 
 
 def roi_align(features, rois, output_size, spatial_scale: float, sampling_ratio: int = 0,
               aligned: bool = True, chunk: int = 32, *, window: int = 48, big_window: int = 96, valid=None):
     """features (B, H, W, C); rois (K, 5) [batch_idx, x1, y1, x2, y2] in image coordinates ->
-    (K, oh, ow, C). ``valid`` (K,) bool, optional: False rows are skipped and give zeros."""
+    (K, oh, ow, C). ``valid`` (K,) bool, optional: False rows give zeros (and cost nothing on the
+    ``roi_align_tiers`` fast path, whose crop sizes ``window`` / ``big_window`` set)."""
     out_hw = (output_size, output_size) if isinstance(output_size, int) else tuple(int(s) for s in output_size)
     valid = jnp.ones(rois.shape[0], bool) if valid is None else jnp.asarray(valid, bool)
-    return _roi_align(features, rois, valid, out_hw, float(spatial_scale), int(sampling_ratio), bool(aligned),
-                      int(chunk), int(window), int(big_window))
+    args = (features, rois, valid, out_hw, float(spatial_scale), int(sampling_ratio), bool(aligned), int(chunk))
+    if fast_paths.enabled("roi_align_tiers"):
+        return roi_align_tiers(*args, int(window), int(big_window))
+    return roi_align_plain(*args)

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flaxdet.parity import (MASK_PIXELS_PER_IMAGE, TOLERANCES, Row, compare_array, compare_detections,
-                            tolerance_for)
+from flaxdet.parity import MASK_PIXELS_PER_IMAGE, TOLERANCES, Row, compare_array, compare_detections, tolerance_for
 
 DENSE_PREFIXES = ("preprocessed", "backbone.", "neck.", "rpn_head.")
 # Cascade R-CNN stages after the first: one row per proposal / per detection, like the stage-0 keys

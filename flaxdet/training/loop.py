@@ -1,9 +1,7 @@
-"""`flaxdet train`: fine-tune a converted model on COCO-format data, resumably, data-parallel.
+"""`flaxdet train` / :func:`flaxdet.train`: fine-tune a converted model on COCO-format data, resumably, data-parallel.
 
-* Optimizers as visdet defines them: ``sgd`` = the 1x schedule (SGD momentum 0.9, weight decay 1e-4,
-  LinearLR warm-up from 0.001 over 500 iterations, MultiStepLR x0.1 at epochs 8 and 11; lr 0.02 for
-  batch 16) and ``adamw`` = ``configs/optimizers/adamw_default.yaml`` (lr 1e-4, betas 0.9/0.999,
-  weight decay 0.05, eps 1e-8). ``frozen_stages`` parameters get no update; BN statistics never move.
+* Optimizers as visdet defines them (:mod:`flaxdet.training.optimizers`). ``frozen_stages`` parameters get
+  no update; BN statistics never move.
 * Checkpoints (orbax) every ``ckpt_every`` steps, last ``keep`` kept: params, optimizer state and the
   step. Data order, flips and the sampler's PRNG key are pure functions of (seed, step), so a run
   killed at any point resumes from its last checkpoint with no lost or repeated step.
@@ -22,52 +20,24 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+import orbax.checkpoint as ocp
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
 
-OPTIMIZERS = ("sgd", "adamw")
-
-
-def lr_schedule(name, base_lr, steps_per_epoch, warmup_iters=500, warmup_ratio=0.001, milestones=(8, 11),
-                gamma=0.1):
-    """visdet/mmengine LinearLR warm-up (by iteration) x MultiStepLR (by epoch) for sgd; constant for adamw."""
-    if name == "adamw":
-        return lambda step: jnp.asarray(base_lr, jnp.float32)
-    bounds = [m * steps_per_epoch for m in milestones]
-
-    def sched(step):
-        step = jnp.asarray(step, jnp.float32)
-        warm = jnp.where(step < warmup_iters,
-                         warmup_ratio + (1 - warmup_ratio) * step / max(warmup_iters, 1), 1.0)
-        decay = gamma ** sum((step >= b).astype(jnp.float32) for b in bounds) if bounds else 1.0
-        return base_lr * warm * decay
-
-    return sched
-
-
-def make_optimizer(name="sgd", lr=None, weight_decay=None, steps_per_epoch=1, warmup_iters=500,
-                   milestones=(8, 11), momentum=0.9):
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}")
-    if name == "sgd":
-        lr = 0.02 if lr is None else lr
-        wd = 1e-4 if weight_decay is None else weight_decay
-        sched = lr_schedule("sgd", lr, steps_per_epoch, warmup_iters, 0.001, milestones)
-        # torch SGD: g += wd * p; buf = momentum * buf + g; p -= lr * buf
-        return optax.chain(optax.add_decayed_weights(wd), optax.sgd(sched, momentum=momentum)), sched
-    lr = 1e-4 if lr is None else lr
-    wd = 0.05 if weight_decay is None else weight_decay
-    sched = lr_schedule("adamw", lr, steps_per_epoch)
-    return optax.adamw(sched, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd), sched
+from flaxdet.checkpoint import load_model_dir, save_model_dir
+from flaxdet.config import final_bbox_head
+from flaxdet.data.coco import CocoDataset, TrainLoader
+from flaxdet.models import build_detector
+from flaxdet.training.optimizers import make_optimizer
+from flaxdet.training.step import TrainState
+from flaxdet_converters.convert import export_visdet_state_dict, load_visdet_state_dict
 
 
 def adapt_num_classes(model, classes, log=print):
     """visdet's SimpleRunner sets the heads' num_classes from the annotation file; so do we:
     class-dependent layers (fc_cls, fc_reg unless class-agnostic, conv_logits) are re-initialised,
     everything else kept. A Cascade R-CNN's heads are per-stage tuples: every stage is adapted."""
-    from flaxdet.config import final_bbox_head
-    from flaxdet.models.detectors.two_stage import build_detector
-    from flaxdet_converters.convert import export_visdet_state_dict, load_visdet_state_dict
-
     n = len(classes)
     rh = model.cfg.roi_head
     old = final_bbox_head(rh).num_classes
@@ -114,8 +84,6 @@ def _visdet_head_init(model, layers, seed=0):
 
 
 def _mesh_and_shardings(num_devices):
-    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-
     devs = jax.devices()[: num_devices or len(jax.devices())]
     mesh = jax.make_mesh((len(devs),), ("data",), axis_types=(AxisType.Auto,), devices=devs)
     return mesh, NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
@@ -125,36 +93,52 @@ def shard_batch(batch, data_sharding):
     return {k: jax.device_put(np.asarray(v), data_sharding) for k, v in batch.items()}
 
 
-def train(model_dir, ann_file, out_dir, img_dir=None, steps=100, batch_size=2, scale=(1333, 800),
-          optimizer="sgd", lr=None, weight_decay=None, warmup_iters=500, milestones=(8, 11), ckpt_every=50,
-          keep=3, seed=0, max_gt=100, num_devices=None, progress=True, plot=True, log=print, stop_after=None,
-          dtype=None):
-    """Fine-tune; returns (final model, list of metric dicts). ``stop_after`` ends the process's work
-    early (as a kill would) without touching checkpoints -- for tests. ``dtype``: compute dtype of the
-    step ("bfloat16": mixed precision, params and optimizer state float32; see TrainState)."""
-    import orbax.checkpoint as ocp
-    from tqdm import tqdm
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What :func:`train` runs: the model, the data, the schedule and the run folder (``flaxdet train``'s
+    options; see ``flaxdet train --help``)."""
 
-    from flaxdet.checkpoint import load_model_dir, save_model_dir
-    from flaxdet.data.coco import CocoDataset, TrainLoader
-    from flaxdet.training.step import TrainState
+    checkpoint: str | Path  # a flaxdet model dir (``flaxdet convert``) to fine-tune
+    ann_file: str | Path  # COCO-format training annotations
+    out_dir: str | Path  # run folder: checkpoints/, metrics.jsonl, loss_curve.png, model/ (resumed if present)
+    img_dir: str | Path | None = None  # images folder (default: beside the annotation file)
+    steps: int = 100
+    batch_size: int = 2  # global batch, split over the devices
+    scale: tuple = (1333, 800)  # keep-ratio resize bounds (long, short), as visdet's Resize
+    optimizer: str = "adamw"  # "adamw" (visdet's runner default) or "sgd" (visdet's 1x schedule)
+    lr: float | None = None  # default: the optimizer's (0.02 sgd, 1e-4 adamw)
+    weight_decay: float | None = None  # default: the optimizer's (1e-4 sgd, 0.05 adamw)
+    warmup_iters: int = 500  # sgd's linear warm-up
+    milestones: tuple = (8, 11)  # sgd's x0.1 epochs
+    ckpt_every: int = 50
+    keep: int = 3  # checkpoints kept
+    seed: int = 0  # data order, flips and sampling
+    max_gt: int = 100  # GT boxes per image the static shapes hold
+    num_devices: int | None = None  # data-parallel devices (default: all local)
+    dtype: str | None = None  # compute dtype: None / "float32", or "bfloat16" (mixed precision)
 
-    out = Path(out_dir)
+
+def train(cfg: TrainConfig, *, progress=True, plot=True, log=print, stop_after=None):
+    """Fine-tune ``cfg.checkpoint`` on ``cfg.ann_file``; returns (final model, list of metric dicts).
+    ``stop_after`` ends the process's work after that many steps (as a kill would) without touching
+    checkpoints -- for tests."""
+    out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model, classes, _ = load_model_dir(model_dir)
-    ds = CocoDataset(ann_file, img_dir)
+    model, _, _ = load_model_dir(cfg.checkpoint)
+    ds = CocoDataset(cfg.ann_file, cfg.img_dir)
     model = adapt_num_classes(model, ds.classes, log)
     with_masks = model.roi_head.with_mask
-    loader = TrainLoader(ds, batch_size, scale, max_gt, seed, with_masks=with_masks)
-    tx, sched = make_optimizer(optimizer, lr, weight_decay, loader.steps_per_epoch, warmup_iters, milestones)
-    state = TrainState(model, tx, dtype=dtype)
-    mesh, data_sh, repl_sh = _mesh_and_shardings(num_devices)
-    if batch_size % mesh.size:
-        raise ValueError(f"batch size {batch_size} is not divisible by the {mesh.size} devices")
+    loader = TrainLoader(ds, cfg.batch_size, cfg.scale, cfg.max_gt, cfg.seed, with_masks=with_masks)
+    tx, sched = make_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay, loader.steps_per_epoch, cfg.warmup_iters,
+                               cfg.milestones)
+    state = TrainState(model, tx, dtype=cfg.dtype)
+    mesh, data_sh, repl_sh = _mesh_and_shardings(cfg.num_devices)
+    if cfg.batch_size % mesh.size:
+        raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {mesh.size} devices")
     state.params, state.opt_state, state.rest = jax.device_put((state.params, state.opt_state, state.rest), repl_sh)
 
     mgr = ocp.CheckpointManager((out / "checkpoints").absolute(),
-                                options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1))
+                                options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, save_interval_steps=1))
     start = 0
     if mgr.latest_step() is not None:
         start = mgr.latest_step()
@@ -168,19 +152,18 @@ def train(model_dir, ann_file, out_dir, img_dir=None, steps=100, batch_size=2, s
     if start == 0 and metrics_path.exists():
         metrics_path.unlink()
     history = []
-    base_key = jax.random.PRNGKey(seed)
-    todo = max(0, steps - start) if stop_after is None else max(0, min(steps, start + stop_after) - start)
-    bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not progress)
-    t_last, n_img = time.perf_counter(), 0
+    base_key = jax.random.PRNGKey(cfg.seed)
+    todo = max(0, cfg.steps - start) if stop_after is None else max(0, min(cfg.steps, start + stop_after) - start)
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress)
+    t_last = time.perf_counter()
     with open(metrics_path, "a") as mf:
         for step, batch, epoch in loader.batches(start, todo):
             key = jax.random.fold_in(base_key, step)
             logs = state.train_step(shard_batch(batch, data_sh), key)
             logs = {k: float(v) for k, v in jax.device_get(logs).items()}
-            n_img += batch_size
             now = time.perf_counter()
             rec = dict(step=step + 1, epoch=epoch, lr=float(sched(step)), **logs,
-                       images_per_s=batch_size / max(now - t_last, 1e-9))
+                       images_per_s=cfg.batch_size / max(now - t_last, 1e-9))
             if state.last_mask_rows is not None:  # the mask branch's row bucket (see TrainState.train_step)
                 rec.update(mask_rows=state.last_mask_rows, mask_rows_needed=state.needed_rows[-1])
             t_last = now
@@ -193,7 +176,7 @@ def train(model_dir, ann_file, out_dir, img_dir=None, steps=100, batch_size=2, s
             bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k.startswith("loss")} |
                             {"img/s": f"{rec['images_per_s']:.1f}"})
             bar.update(1)
-            if (step + 1) % ckpt_every == 0 or step + 1 == steps:
+            if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
                 mgr.save(step + 1, args=ocp.args.StandardSave({"params": state.params, "opt_state": state.opt_state}))
                 mgr.wait_until_finished()
     bar.close()
@@ -201,8 +184,8 @@ def train(model_dir, ann_file, out_dir, img_dir=None, steps=100, batch_size=2, s
     if state.reruns:
         log(f"{state.reruns} step(s) re-run: their positives needed more mask rows than recent steps had")
     final = state.model()
-    if state.step >= steps:
-        save_model_dir(out / "model", final, ds.classes, dict(trained_steps=state.step, source=str(model_dir)),
+    if state.step >= cfg.steps:
+        save_model_dir(out / "model", final, ds.classes, dict(trained_steps=state.step, source=str(cfg.checkpoint)),
                        overwrite=True)
         if plot and history:
             plot_losses(metrics_path, out / "loss_curve.png")

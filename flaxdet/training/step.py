@@ -13,23 +13,12 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
-from flaxdet.models.roi_heads.standard_roi_head import mask_buckets
-from flaxdet.training.forward import loss_fn, sampler_spos
-
-
-def mask_row_buckets(model):
-    """The mask branch's static row counts per image (``mask_buckets(Spos)``, Spos the largest over
-    Cascade stages), or None for models without masks."""
-    rh = model.roi_head
-    if not getattr(rh, "with_mask", False):
-        return None
-    if getattr(rh, "num_stages", None) is not None:
-        from flaxdet.training.cascade import StageView
-
-        return mask_buckets(max(sampler_spos(StageView(rh, k)) for k in range(rh.num_stages)))
-    return mask_buckets(sampler_spos(rh))
+from flaxdet.config import check_trainable
+from flaxdet.nn import set_compute_dtype
+from flaxdet_converters.convert import flax_variables
 
 
 def split(model):
@@ -39,8 +28,6 @@ def split(model):
 
 def param_keys(graphdef, params, rest):
     """{visdet key: (flat path in params, torch layout permutation or None)}."""
-    from flaxdet_converters.convert import flax_variables
-
     m = nnx.merge(graphdef, params, rest)
     out = {}
     for key, var, owner in flax_variables(m):
@@ -77,14 +64,15 @@ def stop_frozen(tree, factor):
     return jax.tree_util.tree_map_with_path(lambda p, x: jax.lax.stop_gradient(x) if factor(p) == 0.0 else x, tree)
 
 
-def loss_and_grads(model, batch, key, inject=None, with_stages=False):
-    """(logs, grads as {visdet key: numpy array in torch layout}[, stages])."""
+def loss_and_grads(model, batch, key, inject=None, with_stages=False, mask_rows=None):
+    """(logs, grads as {visdet key: numpy array in torch layout}[, stages]) of ``model.loss`` (its
+    ``inject`` and ``mask_rows`` arguments), jitted."""
     graphdef, params, rest = split(model)
 
     @jax.jit
     def f(params, batch, key, inject):
         def inner(p):
-            return loss_fn(nnx.merge(graphdef, p, rest), batch, key, inject, with_stages=with_stages)
+            return nnx.merge(graphdef, p, rest).loss(batch, key, inject, with_stages, mask_rows)
         return jax.value_and_grad(inner, has_aux=True)(params)
 
     (_, aux), grads = f(params, batch, key, inject)
@@ -106,7 +94,6 @@ class TrainState:
     parameters, their gradients and the optimizer state stay float32 whatever the compute dtype: the
     layers cast their float32 weights to the compute dtype inside the step, so the gradient of that
     cast returns float32 gradients (bf16 products, float32 accumulation)."""
-
     MASK_ROWS_WINDOW = 10  # steps of positives the mask branch's row bucket is chosen from
     # a factor over them; 1: the window's maximum is the margin (demo fine-tune, positives 15-81 rows per
     # image: 1.25 put 121 of 150 steps on the 128-row bucket at 1.15 s/step, 1.0 put 98 on 64 rows at
@@ -114,16 +101,15 @@ class TrainState:
     MASK_ROWS_HEADROOM = 1.0
 
     def __init__(self, model, tx, step=0, dtype=None):
+        check_trainable(model.cfg)
         if dtype is not None:
-            from flaxdet.nn import set_compute_dtype
-
             set_compute_dtype(model, dtype)
         self.graphdef, self.params, self.rest = split(model)
         self.frozen = frozen_filter(model)
         self.tx = tx
         self.opt_state = tx.init(self.params)
         self.step = step
-        self.mask_buckets = mask_row_buckets(model)  # None: no mask branch
+        self.mask_buckets = model.roi_head.mask_row_buckets()  # None: no mask branch
         self.needed_rows = []  # mask rows per image the recent steps' positives took
         self.reruns = 0  # steps re-run because their positives overflowed the chosen rows
         self.last_mask_rows = None  # the rows the last step's mask branch ran on
@@ -150,11 +136,8 @@ class TrainState:
         """One update. With ``mask_rows`` set and more rows needed by this step's positives
         (``logs["mask_rows_needed"] > mask_rows``) the step is void: params and optimizer state come
         back unchanged, for the caller to re-run it with more rows."""
-        import optax
-
         def inner(p):  # frozen parameters are constants here: their gradients are never computed
-            return loss_fn(nnx.merge(self.graphdef, stop_frozen(p, self.frozen), rest), batch, key,
-                           mask_rows=mask_rows)
+            return nnx.merge(self.graphdef, stop_frozen(p, self.frozen), rest).loss(batch, key, mask_rows=mask_rows)
 
         (_, logs), grads = jax.value_and_grad(inner, has_aux=True)(params)  # frozen: exact zeros
         updates, new_opt = self.tx.update(grads, opt_state, params)

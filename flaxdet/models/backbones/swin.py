@@ -24,8 +24,7 @@ import numpy as np
 from flax import nnx
 
 from flaxdet.config import SwinTransformerCfg
-from flaxdet.models.layers.transformer import (FFN, PatchEmbed, PatchMerging, drop_path, dropout,
-                                               split_key)
+from flaxdet.models.layers.transformer import FFN, PatchEmbed, PatchMerging, drop_path, dropout, split_key
 from flaxdet.nn import PRECISION, Counter, LayerNorm, Linear
 
 

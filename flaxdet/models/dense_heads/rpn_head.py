@@ -1,4 +1,5 @@
-"""RPNHead (visdet ``models/dense_heads/rpn_head.py``): conv tower + proposal generation.
+"""RPNHead (visdet ``models/dense_heads/rpn_head.py``): conv tower, proposal generation, and the
+anchor-head losses (:class:`~flaxdet.models.dense_heads.anchor_head.AnchorHead`).
 
 Proposal selection is static-shape: per level top-``nms_pre`` (lax.top_k; visdet sorts), decode
 with clipping to the image, drop boxes with w or h <= min_bbox_size (a valid mask, not a filter),
@@ -12,34 +13,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flaxdet.config import RPNHeadCfg, RPNProposalCfg
+from flaxdet.models.dense_heads.anchor_head import AnchorHead
 from flaxdet.models.layers import ConvModule
+from flaxdet.models.task_modules.coders.delta_xywh_bbox_coder import decode_deltas
+from flaxdet.models.task_modules.prior_generators.anchor_generator import AnchorGenerator
 from flaxdet.nn import Conv2d, Sequential, relu
-from flaxdet.ops import anchors as A
-from flaxdet.ops.boxes import decode_deltas
 from flaxdet.ops.nms import batched_nms
 
 
-class AnchorGenerator:
-    """Static anchor grids (numpy, computed at trace time from static feature sizes)."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.strides = [(s, s) if isinstance(s, int | float) else tuple(s) for s in cfg.strides]
-        sizes = cfg.base_sizes or [min(s) for s in self.strides]
-        if cfg.scales is not None:
-            scales = cfg.scales
-        else:
-            scales = [cfg.octave_base_scale * 2 ** (i / cfg.scales_per_octave) for i in range(cfg.scales_per_octave)]
-        self.base_anchors = [A.base_anchors(b, scales, cfg.ratios, cfg.scale_major, cfg.center_offset,
-                                            None if cfg.centers is None else cfg.centers[i])
-                             for i, b in enumerate(sizes)]
-        self.num_base_priors = [len(b) for b in self.base_anchors]
-
-    def grid_priors(self, featmap_sizes):
-        return [A.grid_anchors(self.base_anchors[i], h, w, *self.strides[i]) for i, (h, w) in enumerate(featmap_sizes)]
-
-
-class RPNHead(nnx.Module):
+class RPNHead(AnchorHead):
     def __init__(self, cfg: RPNHeadCfg, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.prior_generator = AnchorGenerator(cfg.anchor_generator)
@@ -62,6 +44,11 @@ class RPNHead(nnx.Module):
             cls.append(self.rpn_cls(t))
             reg.append(self.rpn_reg(t))
         return cls, reg
+
+    def loss_by_feat(self, cls_scores, bbox_preds, batch, key, inject=None):
+        """visdet's RPNHead naming: ``loss_rpn_cls`` / ``loss_rpn_bbox`` (per-level lists) and the targets."""
+        losses, targets = super().loss_by_feat(cls_scores, bbox_preds, batch, key, inject)
+        return dict(loss_rpn_cls=losses["loss_cls"], loss_rpn_bbox=losses["loss_bbox"]), targets
 
     def predict_by_feat(self, cls_scores, bbox_preds, img_shapes, cfg: RPNProposalCfg | None = None):
         """cls_scores/bbox_preds: per level (N, H, W, A*c) / (N, H, W, A*4); img_shapes (N, 2) [h, w].

@@ -8,11 +8,13 @@ from flaxdet.nn import BatchNorm2d, Conv2d, GroupNorm, relu
 
 
 def norm_layer(norm_cfg, num_features, rngs):
-    cfg = norm_cfg if isinstance(norm_cfg, NormCfg) else NormCfg(**dict(norm_cfg))
+    d = dict(norm_cfg) if not isinstance(norm_cfg, NormCfg) else {}
+    num_groups = d.pop("num_groups", 32)  # GN's own field
+    cfg = norm_cfg if isinstance(norm_cfg, NormCfg) else NormCfg(**d)
     if cfg.type in ("BN", "BN2d", "SyncBN"):
         return "bn", BatchNorm2d(num_features, eps=cfg.eps, momentum=cfg.momentum, rngs=rngs)
     if cfg.type == "GN":
-        return "gn", GroupNorm(dict(norm_cfg).get("num_groups", 32), num_features, eps=cfg.eps, rngs=rngs)
+        return "gn", GroupNorm(num_groups, num_features, eps=cfg.eps, rngs=rngs)
     raise ValueError(f"unsupported norm type {cfg.type!r} (supported: BN, SyncBN, GN)")
 
 

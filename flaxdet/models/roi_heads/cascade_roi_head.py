@@ -7,6 +7,16 @@ raw logits, softmax + decode + multiclass NMS with the last head on the RoIs it 
 mask head on the detections, sigmoid probabilities averaged (``merge_aug_masks``), pasted by the last mask
 head with ``activate_map=True``. Attribute names are visdet's (``roi_head.bbox_head.0`` ...), so the
 converter maps the checkpoint by name.
+
+Training (visdet ``CascadeRoIHead.loss``): stage k assigns and samples with ``train_cfg[k]`` (GTs prepended
+as candidates), computes its box and mask losses with ``bbox_head.k`` / ``mask_head.k``, logs them as
+``s{k}.{name}`` weighted by ``stage_loss_weights[k]`` (``acc`` is not weighted), and hands its sampled rows,
+regressed without gradient (:meth:`CascadeRoIHead.refine` with the sampled labels, MMDetection 3.x
+``BBoxHead.refine_bboxes``: visdet's own training path crashes there, see
+``flaxdet_reference.models.roi_heads.cascade_roi_head``), to stage k+1 as proposals: positives regress with
+their GT class, negatives with the argmax foreground class, clipped to ``img_shape``; positives that were GT
+boxes are dropped. Static shapes: stage k+1's proposals are stage k's S sampled rows (N, S, 4), the dropped
+and padded rows marked invalid.
 """
 from __future__ import annotations
 
@@ -17,10 +27,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flaxdet.config import CascadeRoIHeadCfg
+from flaxdet.fast_paths.mask_rows import mask_buckets, pad_rows, run_mask_rows
 from flaxdet.models.roi_heads.mask_heads.fcn_mask_head import FCNMaskHead
 from flaxdet.models.roi_heads.roi_extractors.single_level_roi_extractor import SingleRoIExtractor
-from flaxdet.models.roi_heads.standard_roi_head import BBOX_HEADS, bbox2roi, run_mask_rows
-from flaxdet.ops.boxes import decode_deltas
+from flaxdet.models.roi_heads.standard_roi_head import (
+    BBOX_HEADS,
+    assign_and_sample,
+    bbox2roi,
+    bbox_loss_by,
+    mask_loss_by,
+    sampler_spos,
+)
+from flaxdet.models.task_modules.coders.delta_xywh_bbox_coder import decode_deltas
 
 
 def regress_by_class(bbox_head, boxes, labels, bbox_pred, img_shape):
@@ -57,13 +75,57 @@ class CascadeRoIHead(nnx.Module):
         roi_feats = self.mask_roi_extractor[stage](feats, rois)
         return roi_feats, self.mask_head[stage](roi_feats)
 
-    def refine(self, stage, boxes, cls, reg, img_shapes):
-        """visdet ``_refine_roi`` between stages: boxes (N, R, 4), cls (N*R, C+1), reg (N*R, ...) ->
-        (N, R, 4) regressed by the argmax foreground class."""
+    def refine(self, stage, boxes, cls, reg, img_shapes, labels=None):
+        """Boxes (N, R, 4) regressed by stage ``stage``'s head: cls (N*R, C+1), reg (N*R, ...) -> (N, R, 4).
+        Each row uses its ``labels`` (N, R) class, or where that is the background class (or without
+        ``labels``, visdet's ``_refine_roi`` at test time) the argmax foreground class."""
         n, r, _ = boxes.shape
-        labels = jnp.argmax(cls[:, :-1], axis=-1).reshape(n, r)
+        fg = jnp.argmax(cls[:, :-1], axis=-1).reshape(n, r)
+        labels = fg if labels is None else jnp.where(labels == self.bbox_head[stage].num_classes, fg, labels)
         fn = partial(regress_by_class, self.bbox_head[stage])
         return jax.vmap(fn)(boxes, labels, reg.reshape(n, r, -1), img_shapes)
+
+    def loss(self, feats, proposals, proposal_valid, batch, key, inject=None, mask_rows=None):
+        """Returns (logs ``s{k}.*``, stage arrays (``s{k}.``-prefixed, stage 0's also unprefixed), stage 0's
+        sampled rows, the mask rows per image the stages needed (0 without masks)). ``inject``: a list of
+        per-stage sampler injections."""
+        keys = jax.random.split(key, self.num_stages)
+        logs, stages, first, need = {}, {}, None, jnp.zeros((), jnp.int32)
+        boxes, valid = proposals, proposal_valid
+        for k in range(self.num_stages):
+            cfg, w = self.cfg.train_cfg[k], self.cfg.stage_loss_weights[k]
+            s = assign_and_sample(cfg, self.bbox_head[k].num_classes, boxes, valid, batch, keys[k],
+                                  None if inject is None else inject[k])
+            rl, st = self.bbox_loss(k, feats, s, batch)
+            if self.with_mask:
+                rl["loss_mask"], ms, nk = self.mask_loss(k, feats, s, batch, mask_rows)
+                need = jnp.maximum(need, nk)
+                st.update(ms)
+            logs.update({f"s{k}.{name}": v * w if "loss" in name else v for name, v in rl.items()})
+            st.update(proposals=boxes, proposals_valid=valid, rcnn_assigned=s["assigned"], rcnn_sample_rows=s["inds"],
+                      rcnn_sample_valid=s["valid"], rcnn_is_pos=s["is_pos"], rcnn_is_gt=s["is_gt"])
+            stages.update({f"s{k}.{name}": v for name, v in st.items()})
+            if k == 0:
+                first = s
+                stages.update({name: v for name, v in st.items() if not name.startswith(("proposals", "rcnn_is"))})
+            if k < self.num_stages - 1:
+                sg = jax.lax.stop_gradient
+                boxes = sg(self.refine(k, s["rois"], sg(st["rcnn_cls_score"]), sg(st["rcnn_bbox_pred"]),
+                                       batch["img_shapes"], s["labels"]))
+                valid = s["valid"] & ~(s["is_pos"] & s["is_gt"])
+        return logs, stages, first, need
+
+    def bbox_loss(self, stage, feats, sample, batch):
+        return bbox_loss_by(partial(self.bbox_forward, stage), self.bbox_head[stage], self.cfg.train_cfg[stage],
+                            feats, sample, batch)
+
+    def mask_loss(self, stage, feats, sample, batch, rows=None):
+        return mask_loss_by(self.mask_roi_extractor[stage], self.mask_head[stage], self.cfg.train_cfg[stage], feats,
+                            sample, batch, rows)
+
+    def mask_row_buckets(self):
+        """The training mask branch's static row counts per image (Spos the largest over the stages)."""
+        return mask_buckets(max(sampler_spos(c) for c in self.cfg.train_cfg)) if self.with_mask else None
 
     def predict_bbox(self, feats, proposals, proposal_valid, img_shapes, scale_factors, rescale):
         """Returns (dets dict with (N, D, ...) arrays, stage dict). Stage names: stage 0 as
@@ -77,7 +139,8 @@ class CascadeRoIHead(nnx.Module):
                 stages.update({"bbox_roi_extractor": roi_feats, "bbox_head.cls_score": cls,
                                "bbox_head.bbox_pred": reg})
             else:
-                stages.update({f"cascade.rois.{s}": boxes.reshape(n * p, 4), f"cascade.bbox_roi_extractor.{s}": roi_feats,
+                stages.update({f"cascade.rois.{s}": boxes.reshape(n * p, 4),
+                               f"cascade.bbox_roi_extractor.{s}": roi_feats,
                                f"cascade.bbox_head.{s}.cls_score": cls, f"cascade.bbox_head.{s}.bbox_pred": reg})
             total = cls if total is None else total + cls  # visdet: sum over stages in order, / num_stages
             if s < self.num_stages - 1:
@@ -108,12 +171,6 @@ class CascadeRoIHead(nnx.Module):
             roi_feats.append(by_cfg[ext.cfg])
         per_image = [f.reshape(n, d, *f.shape[1:]) for f in roi_feats]
 
-        def pad(a, per_img=True):
-            k = a.shape[1] if per_img else a.shape[0] // n
-            a = a if per_img else a.reshape(n, k, *a.shape[1:])
-            a = jnp.pad(a, [(0, 0), (0, d - k)] + [(0, 0)] * (a.ndim - 2))
-            return a if per_img else a.reshape(n * d, *a.shape[2:])
-
         def run(k):
             logits = [self.mask_head[s](per_image[s][:, :k].reshape(n * k, *per_image[s].shape[2:]))
                       for s in range(self.num_stages)]
@@ -126,7 +183,8 @@ class CascadeRoIHead(nnx.Module):
                                                             activate_map=True)
             masks, boxes = jax.vmap(fn)(probs.reshape(n, k, *probs.shape[1:]), dets["bboxes"][:, :k],
                                         dets["labels"][:, :k], scale_factors)
-            return pad(masks), pad(boxes), tuple(pad(lg, False) for lg in logits), pad(probs, False)
+            return (pad_rows(masks, n, d), pad_rows(boxes, n, d), tuple(pad_rows(lg, n, d, flat=True) for lg in logits),
+                    pad_rows(probs, n, d, flat=True))
 
         masks, boxes, logits, probs = run_mask_rows(run, d, dets["valid"], rows)
         masks = masks & dets["valid"][:, :, None, None]

@@ -1,5 +1,3 @@
-import dataclasses
-
 import jax
 import numpy as np
 import torch
@@ -15,9 +13,9 @@ from parity_tests.models.common import convert_into, nchw_to_nhwc, nhwc_to_nchw,
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
-@given(depth=st.sampled_from([18, 34, 50, 101]), base=st.sampled_from([4, 8]), style=st.sampled_from(["pytorch", "caffe"]),
-       deep_stem=st.booleans(), avg_down=st.booleans(), h=st.integers(33, 90), w=st.integers(33, 90),
-       seed=st.integers(0, 99))
+@given(depth=st.sampled_from([18, 34, 50, 101]), base=st.sampled_from([4, 8]),
+       style=st.sampled_from(["pytorch", "caffe"]), deep_stem=st.booleans(), avg_down=st.booleans(),
+       h=st.integers(33, 90), w=st.integers(33, 90), seed=st.integers(0, 99))
 def test_resnet(depth, base, style, deep_stem, avg_down, h, w, seed):
     cfg = ResNetCfg(depth=depth, base_channels=base, style=style, deep_stem=deep_stem, avg_down=avg_down,
                     stem_channels=2 * base if deep_stem else None)

@@ -1,5 +1,3 @@
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,16 +14,16 @@ from parity_tests.models.common import convert_into, nchw_to_nhwc, nhwc_to_nchw,
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
-@given(num_convs=st.integers(1, 2), ratios=st.sampled_from([(0.5, 1.0, 2.0), (1.0,)]), scales=st.sampled_from([(8,), (4, 8)]),
-       nms_pre=st.sampled_from([50, 300]), max_per=st.sampled_from([40, 200]), iou=st.sampled_from([0.5, 0.7]),
-       h=st.integers(40, 130), w=st.integers(40, 130), seed=st.integers(0, 99))
+@given(num_convs=st.integers(1, 2), ratios=st.sampled_from([(0.5, 1.0, 2.0), (1.0,)]),
+       scales=st.sampled_from([(8,), (4, 8)]), nms_pre=st.sampled_from([50, 300]), max_per=st.sampled_from([40, 200]),
+       iou=st.sampled_from([0.5, 0.7]), h=st.integers(40, 130), w=st.integers(40, 130), seed=st.integers(0, 99))
 def test_rpn_head_and_proposals(num_convs, ratios, scales, nms_pre, max_per, iou, h, w, seed):
     test_cfg = RPNProposalCfg(nms_pre=nms_pre, max_per_img=max_per, nms=NMSCfg(iou_threshold=iou))
     cfg = RPNHeadCfg(in_channels=8, feat_channels=8, num_convs=num_convs, test_cfg=test_cfg,
                      anchor_generator=AnchorGeneratorCfg(ratios=ratios, scales=scales, strides=(4, 8, 16, 32, 64)))
     ref = RefRPNHead(cfg)
     flax = RPNHead(cfg, rngs=nnx.Rngs(0))
-    sd = convert_into("rpn_head", flax, ref, seed)
+    convert_into("rpn_head", flax, ref, seed)
     rng = np.random.default_rng(seed)
     hp, wp = -(-h // 32) * 32, -(-w // 32) * 32
     feats = [rng.normal(size=(1, 8, hp // s, wp // s)).astype(np.float32) for s in (4, 8, 16, 32, 64)]

@@ -14,8 +14,8 @@ from flaxdet_reference.models.backbones.swin import SwinTransformer
 from flaxdet_reference.models.data_preprocessors.data_preprocessor import DetDataPreprocessor
 from flaxdet_reference.models.dense_heads.rpn_head import RPNHead
 from flaxdet_reference.models.necks.fpn import FPN
-from flaxdet_reference.models.roi_heads.standard_roi_head import StandardRoIHead
 from flaxdet_reference.models.roi_heads.cascade_roi_head import CascadeRoIHead
+from flaxdet_reference.models.roi_heads.standard_roi_head import StandardRoIHead
 
 BACKBONES = {"ResNet": ResNet, "ResNeXt": ResNeXt, "SwinTransformer": SwinTransformer}
 NECKS = {"FPN": FPN}

@@ -6,7 +6,10 @@ from torch import nn
 
 from flaxdet.config import StandardRoIHeadCfg
 from flaxdet_reference.models.roi_heads.bbox_heads.convfc_bbox_head import (
-    ConvFCBBoxHead, Shared2FCBBoxHead, Shared4Conv1FCBBoxHead)
+    ConvFCBBoxHead,
+    Shared2FCBBoxHead,
+    Shared4Conv1FCBBoxHead,
+)
 from flaxdet_reference.models.roi_heads.mask_heads.fcn_mask_head import FCNMaskHead
 from flaxdet_reference.models.roi_heads.roi_extractors.single_level_roi_extractor import SingleRoIExtractor
 from flaxdet_reference.models.task_modules.assigners.max_iou_assigner import MaxIoUAssigner

@@ -7,9 +7,10 @@ from flax import nnx
 
 from flaxdet.config import ConvFCBBoxHeadCfg, CrossEntropyLossCfg, RCNNTestCfg
 from flaxdet.models.layers import ConvModule
+from flaxdet.models.layers.bbox_nms import multiclass_nms
+from flaxdet.models.losses import accuracy, cross_entropy, regression_loss, weight_reduce_loss
+from flaxdet.models.task_modules.coders.delta_xywh_bbox_coder import decode_deltas, encode_deltas
 from flaxdet.nn import Linear, relu
-from flaxdet.ops.boxes import decode_deltas
-from flaxdet.ops.nms import batched_nms
 
 
 def flatten_chw(x):
@@ -79,6 +80,33 @@ class ConvFCBBoxHead(nnx.Module):
         reg = self.fc_reg(x_reg) if self.fc_reg is not None else None
         return cls, reg
 
+    def loss_and_target(self, cls_score, bbox_pred, rois, sample, gt_bboxes, rcnn_train_cfg):
+        """visdet ``BBoxHead.loss_and_target`` on the sampled rows of a batch. ``rois`` (N*S, 5); ``sample``
+        (N, S) arrays from the RoI head's sampling (``valid``, ``is_pos``, ``labels``, ``gt_idx``);
+        ``gt_bboxes`` (N, G, 4). Softmax CE over the valid rows (positives weighted by ``pos_weight`` > 0)
+        and the box loss on the positives' GT-class deltas, each / (#valid rows + eps); accuracy logged.
+        Returns (dict(loss_cls, acc, loss_bbox), the regression targets (N*S, 4))."""
+        valid = sample["valid"].reshape(-1)
+        is_pos = sample["is_pos"].reshape(-1)
+        labels = sample["labels"].reshape(-1)
+        w = valid.astype(cls_score.dtype)
+        count = w.sum()  # visdet's avg_factor: rows with label weight > 0, whatever pos_weight is
+        pw = rcnn_train_cfg.pos_weight
+        label_w = jnp.where(is_pos, w * pw, w) if pw > 0 else w
+        loss_cls = weight_reduce_loss(cross_entropy(cls_score, labels), label_w, jnp.maximum(count, 1.0))
+        bc = self.cfg.bbox_coder
+        gtb = jnp.take_along_axis(gt_bboxes, sample["gt_idx"][..., None], 1).reshape(-1, 4)
+        targets = encode_deltas(rois[:, 1:], gtb, bc.target_means, bc.target_stds)
+        targets = jnp.where(is_pos[:, None], targets, 0.0)
+        if self.cfg.reg_class_agnostic:
+            pred = bbox_pred.reshape(-1, 4)
+        else:
+            pred = jnp.take_along_axis(bbox_pred.reshape(-1, self.num_classes, 4),
+                                       jnp.clip(labels, 0, self.num_classes - 1)[:, None, None], 1)[:, 0]
+        loss_bbox = weight_reduce_loss(regression_loss(self.cfg.loss_bbox)(pred, targets), is_pos[:, None], count)
+        return dict(loss_cls=self.cfg.loss_cls.loss_weight * loss_cls, acc=accuracy(cls_score, labels, w),
+                    loss_bbox=self.cfg.loss_bbox.loss_weight * loss_bbox), targets
+
     def predict_single(self, rois, valid, cls_score, bbox_pred, img_shape, scale_factor,
                        cfg: RCNNTestCfg, rescale: bool):
         """One image: rois (P, 4), valid (P,). Returns bboxes (D,4), scores (D,), labels (D,), valid (D,)
@@ -92,22 +120,8 @@ class ConvFCBBoxHead(nnx.Module):
         if rescale:  # Faster R-CNN: boxes * (1 / scale) before NMS (upstream; visdet crashes here)
             inv = 1.0 / scale_factor[:2]
             boxes = boxes * jnp.concatenate([inv, inv])
-        boxes = boxes.reshape(p, nc, 4)
-        if nc == 1:
-            boxes = jnp.broadcast_to(boxes, (p, c, 4))
-        cand_boxes = boxes.reshape(-1, 4)
-        cand_scores = scores[:, :c].reshape(-1)
-        cand_labels = jnp.tile(jnp.arange(c, dtype=jnp.int32), p)
-        cand_valid = (cand_scores > cfg.score_thr) & jnp.repeat(valid, c)
-        n_out = cfg.max_per_img
-        if cand_scores.shape[0] < n_out:
-            pad = n_out - cand_scores.shape[0]
-            cand_boxes = jnp.pad(cand_boxes, ((0, pad), (0, 0)))
-            cand_scores, cand_labels = jnp.pad(cand_scores, (0, pad)), jnp.pad(cand_labels, (0, pad))
-            cand_valid = jnp.pad(cand_valid, (0, pad))
-        keep, kv = batched_nms(cand_boxes, cand_scores, cand_labels, cand_valid, cfg.nms.iou_threshold, n_out)
-        return (jnp.where(kv[:, None], cand_boxes[keep], 0), jnp.where(kv, cand_scores[keep], 0),
-                jnp.where(kv, cand_labels[keep], 0), kv)
+        return multiclass_nms(boxes.reshape(p, nc, 4), scores, valid, cfg.score_thr, cfg.nms.iou_threshold,
+                              cfg.max_per_img)
 
 
 class Shared2FCBBoxHead(ConvFCBBoxHead):

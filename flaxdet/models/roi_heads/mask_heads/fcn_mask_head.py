@@ -7,8 +7,10 @@ from flax import nnx
 
 from flaxdet.config import FCNMaskHeadCfg
 from flaxdet.models.layers import ConvModule
+from flaxdet.models.losses import mask_cross_entropy
 from flaxdet.nn import Conv2d, ConvTranspose2d, exact_div, relu
 from flaxdet.ops.mask_paste import paste_masks
+from flaxdet.structures.mask.mask_target import mask_target
 
 
 class FCNMaskHead(nnx.Module):
@@ -38,12 +40,22 @@ class FCNMaskHead(nnx.Module):
             x = relu(self.upsample(x))
         return self.conv_logits(x)
 
+    def loss_and_target(self, mask_preds, rois, gt_idx, labels, valid, gt_masks, rcnn_train_cfg):
+        """visdet ``FCNMaskHead.loss_and_target`` on R rows per image: ``mask_preds`` (N*R, m, m, C) logits,
+        ``rois`` (N, R, 4), ``gt_idx`` / ``labels`` (N, R) of each row's GT, ``valid`` (N*R,) the positive
+        rows, ``gt_masks`` (N, G, Hp, Wp). BCE of each row's label channel against its mask target, mean
+        over the valid rows' pixels. Returns (weighted loss, targets (N*R, m, m), selected logits)."""
+        size = rcnn_train_cfg.mask_size
+        targets = mask_target(rois, gt_idx, gt_masks, valid, size).astype(mask_preds.dtype)
+        channel = jnp.zeros_like(labels) if self.cfg.class_agnostic else labels
+        loss, logits = mask_cross_entropy(mask_preds, targets, channel.reshape(-1), valid)
+        return self.cfg.loss_mask.loss_weight * loss, targets, logits
+
     def predict_single(self, mask_logits, bboxes, labels, scale_factor, canvas_hw, thr, rescale=True,
                        activate_map=False):
         """mask_logits (D, 28, 28, C); bboxes (D, 4) resized frame. Returns (masks (D, H, W) bool,
         bboxes in the canvas frame). ``canvas_hw`` is static (the original size, or its bucket).
         ``activate_map``: ``mask_logits`` are already probabilities (Cascade's merged masks, visdet's flag)."""
-        d = mask_logits.shape[0]
         if self.cfg.class_agnostic:
             logits = mask_logits[..., 0]
         else:

@@ -1,4 +1,5 @@
-"""flaxdet.ops.roi_align against torchvision.ops.roi_align (CPU kernel), every RoI shape."""
+"""flaxdet.ops.roi_align against torchvision.ops.roi_align (CPU kernel), every RoI shape: on the plain path
+(every RoI over its whole map) and on the ``roi_align_tiers`` fast path (crop tiers), each checked alone."""
 from __future__ import annotations
 
 import jax
@@ -10,9 +11,11 @@ import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flaxdet import fast_paths
 from flaxdet.ops.roi_align import roi_align
 
 K = 40  # RoIs per example
+PATHS = pytest.mark.parametrize("spec", ["roi_align_tiers", "none"], ids=["tiers", "plain"])
 
 
 def _rois(rng, k, b, h, w, scale, allow_inverted):
@@ -56,13 +59,14 @@ def _torch(feat, rois, out, scale, sr, aligned):
     return r.numpy().transpose(0, 2, 3, 1)
 
 
+@PATHS
 @settings(max_examples=40, deadline=None)
 @given(b=st.integers(1, 2), h=st.integers(1, 40), w=st.integers(1, 40), c=st.integers(1, 4),
        scale=st.sampled_from([1.0, 0.5, 0.25, 1 / 16]), out=st.sampled_from([1, 2, 7, 14, (3, 5)]),
        sr=st.sampled_from([0, 1, 2]), aligned=st.booleans(),
        windows=st.sampled_from([(4, 8), (8, 16), (48, 96)]), p_valid=st.sampled_from([0.0, 0.3, 1.0]),
        seed=st.integers(0, 2 ** 31 - 1))
-def test_matches_torchvision_float64(b, h, w, c, scale, out, sr, aligned, windows, p_valid, seed):
+def test_matches_torchvision_float64(spec, b, h, w, c, scale, out, sr, aligned, windows, p_valid, seed):
     rng = np.random.default_rng(seed)
     feat = rng.normal(size=(b, h, w, c))
     rois = _rois(rng, K, b, h, w, scale, sr > 0)
@@ -70,14 +74,15 @@ def test_matches_torchvision_float64(b, h, w, c, scale, out, sr, aligned, window
     ref = _torch(feat, rois, out, scale, sr, aligned)
     if valid is not None:
         ref = ref * valid[:, None, None, None]
-    with jax.enable_x64(True):
+    with jax.enable_x64(True), fast_paths.use(spec):
         got = roi_align(jnp.asarray(feat), jnp.asarray(rois), out, scale, sr, aligned, chunk=8,
                         window=windows[0], big_window=windows[1], valid=valid)
         assert got.dtype == jnp.float64
         np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-10, atol=1e-10)
 
 
-def test_realistic_float32_under_jit():
+@PATHS
+def test_realistic_float32_under_jit(spec):
     rng = np.random.default_rng(0)
     feat = rng.normal(size=(1, 50, 68, 8)).astype(np.float32)
     xy = rng.uniform(-50, 1100, (300, 2))
@@ -85,13 +90,15 @@ def test_realistic_float32_under_jit():
     rois = np.concatenate([np.zeros((300, 1)), xy, xy + wh], 1).astype(np.float32)
     fn = jax.jit(roi_align, static_argnums=(2, 3, 4, 5))
     for out, sr in ((7, 0), (14, 2)):
-        got = np.asarray(fn(jnp.asarray(feat), jnp.asarray(rois), out, 1 / 16, sr, True))
+        with fast_paths.use(spec):
+            got = np.asarray(fn(jnp.asarray(feat), jnp.asarray(rois), out, 1 / 16, sr, True))
         ref = _torch(feat, rois, out, 1 / 16, sr, True)
         err = np.abs(got - ref).max()
         assert err < 1e-5 * np.abs(feat).max(), err
 
 
-def test_gradient_matches_torch():
+@PATHS
+def test_gradient_matches_torch(spec):
     rng = np.random.default_rng(1)
     feat = rng.normal(size=(2, 12, 15, 3))
     rois = _rois(rng, 30, 2, 12, 15, 0.5, False)
@@ -102,7 +109,7 @@ def test_gradient_matches_torch():
     r = torchvision.ops.roi_align(t, torch.from_numpy(rois), 7, 0.5, 0, True)
     (r * torch.from_numpy(cot.transpose(0, 3, 1, 2))).sum().backward()
     ref = t.grad.numpy().transpose(0, 2, 3, 1)
-    with jax.enable_x64(True):
+    with jax.enable_x64(True), fast_paths.use(spec):
         def loss(f):
             out = roi_align(f, jnp.asarray(rois), 7, 0.5, 0, True, 8, window=4, big_window=8, valid=valid)
             return (out * cot).sum()
@@ -111,13 +118,36 @@ def test_gradient_matches_torch():
         np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-10, atol=1e-10)
 
 
-def test_valid_mask_and_empty():
+@PATHS
+def test_valid_mask_and_empty(spec):
     feat = jnp.ones((1, 10, 10, 2))
     rois = jnp.array([[0, 0, 0, 40, 40], [0, -100, -100, 500, 500.0]])
-    got = roi_align(feat, rois, 2, 0.25, valid=jnp.array([True, False]))
-    np.testing.assert_allclose(np.asarray(got[0]), 1.0, rtol=1e-6)
-    assert not np.asarray(got[1]).any()
-    assert roi_align(feat, jnp.zeros((0, 5)), (3, 4), 0.25).shape == (0, 3, 4, 2)
+    with fast_paths.use(spec):
+        got = roi_align(feat, rois, 2, 0.25, valid=jnp.array([True, False]))
+        np.testing.assert_allclose(np.asarray(got[0]), 1.0, rtol=1e-6)
+        assert not np.asarray(got[1]).any()
+        assert roi_align(feat, jnp.zeros((0, 5)), (3, 4), 0.25).shape == (0, 3, 4, 2)
+        tiered = "cond" in str(jax.make_jaxpr(lambda f: roi_align(f, rois, 2, 0.25))(feat))
+        assert tiered == (spec == "roi_align_tiers")  # the switch picks the formulation
+
+
+def test_tiers_equal_plain_float32():
+    """The fast path against the plain one where they differ only by float32 rounding (crops vs whole
+    maps): values and gradients, with invalid rows."""
+    rng = np.random.default_rng(3)
+    feat = jnp.asarray(rng.normal(size=(2, 60, 90, 8)).astype(np.float32))
+    xy = rng.uniform(-10, 700, (200, 2))
+    wh = rng.uniform(0.1, 500, (200, 2))
+    rois = jnp.asarray(np.concatenate([rng.integers(0, 2, (200, 1)), xy, xy + wh], 1).astype(np.float32))
+    valid = jnp.asarray(rng.random(200) > 0.2)
+    cot = jnp.asarray(rng.normal(size=(200, 7, 7, 8)).astype(np.float32))
+    out = {}
+    for spec in ("roi_align_tiers", "none"):
+        with fast_paths.use(spec):
+            f = jax.jit(lambda x: roi_align(x, rois, 7, 1 / 8, 0, True, valid=valid))
+            out[spec] = (f(feat), jax.grad(lambda x, f=f: (f(x) * cot).sum())(feat))
+    for a, b in zip(out["roi_align_tiers"], out["none"]):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-6 * np.abs(np.asarray(b)).max()
 
 
 def test_many_rois_large_map_bounded_memory():

@@ -11,24 +11,23 @@ import subprocess
 import sys
 import zipfile
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
-from flaxdet_converters.checkpoint_io import (Checkpoint, CheckpointError, load_checkpoint, parse_python_config,
-                                              save_checkpoint)
+from flaxdet_converters.checkpoint_io import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    parse_python_config,
+    save_checkpoint,
+)
+from parity_tests.goldens import GOLDENS, require_goldens
 
-GOLDENS = Path(__file__).resolve().parents[1].parent / "shared" / "goldens"
 CASES = ("mask_rcnn_tiny_r18", "mask_rcnn_tiny_r50", "mask_rcnn_tiny_swin")
 RUNNER = GOLDENS / "runner_tiny_r18"
-
-
-def require_goldens():
-    if not (GOLDENS / "README.md").is_file():
-        pytest.skip(f"visdet goldens not found at {GOLDENS} (expected ../shared/goldens beside the repo)")
 
 
 def _plain(x):  # tuples -> lists, for comparing parsed Python configs with YAML
@@ -36,6 +35,7 @@ def _plain(x):  # tuples -> lists, for comparing parsed Python configs with YAML
 
 
 # ----------------------------------------------------------------------------------------- golden files
+@pytest.mark.goldens
 @pytest.mark.parametrize("case", CASES)
 def test_three_formats_agree_with_torch(case):
     require_goldens()
@@ -66,6 +66,7 @@ def test_three_formats_agree_with_torch(case):
     assert raw.classes is None and raw.meta == {} and raw.model_cfg is None and run.warnings == []
 
 
+@pytest.mark.goldens
 def test_visdet_runner_checkpoint_loads_safely():
     require_goldens()
     p = RUNNER / "epoch_1.pth"
@@ -87,6 +88,7 @@ def test_visdet_runner_checkpoint_loads_safely():
     assert ck.state_dict["backbone.bn1.num_batches_tracked"].dtype == np.int64
 
 
+@pytest.mark.goldens
 def test_reader_needs_no_torch(tmp_path):
     """The zip reader and safetensors work with torch unimportable; legacy pickles and .pth writing say why not."""
     require_goldens()
@@ -201,7 +203,10 @@ def _tensor(offset, size, stride, storage="FloatStorage"):
             + b"\x89" + _g("collections", "OrderedDict") + b")R" + b"tR")
 
 
-def _torch_zip(path, body, storage=np.arange(4, dtype="<f4").tobytes()):
+_STORAGE = np.arange(4, dtype="<f4").tobytes()  # storage "0": float32 0, 1, 2, 3
+
+
+def _torch_zip(path, body, storage=_STORAGE):
     """A torch.save-layout zip whose data.pkl is `body` (pickle opcodes) -- to build what torch.save never would."""
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("archive/data.pkl", b"\x80\x02" + body + b".")
@@ -289,6 +294,7 @@ def test_corrupted_pickles_fail_cleanly(tmp_path):
     assert outcomes["error"] > 100, outcomes
 
 
+@pytest.mark.goldens
 def test_bad_inputs(tmp_path):
     require_goldens()
     good, st = GOLDENS / "mask_rcnn_tiny_r18" / "state_dict.pth", GOLDENS / "mask_rcnn_tiny_r18" / "model.safetensors"
@@ -379,6 +385,7 @@ def test_save_failure_inside_the_writer_leaves_nothing(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ config from meta.cfg
+@pytest.mark.goldens
 def test_parse_python_config():
     require_goldens()
     text = (RUNNER / "runner_config.py").read_text()

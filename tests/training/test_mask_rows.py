@@ -1,13 +1,11 @@
-"""The train-step speed-ups compute what the plain formulation computes.
+"""Mask-branch row buckets in training compute what the all-rows formulation computes.
 
-- ``flaxdet.nn.conv2d``: where its gradients are its own (a custom VJP: weight gradient by shifted
-  matmuls, strided input gradient by phases), both equal XLA's transposed convolutions, checked in
-  float64 and against float64 in float32.
-- ``forward.mask_loss``: the mask branch on the smallest row bucket holding the positives gives the
-  loss and gradients of the full Spos rows (visdet's recorded tiny-R18 training step, its samples
-  replayed).
+- ``mask_loss_by`` (the RoI heads' mask loss): the mask branch on the smallest row bucket holding the
+  positives gives the loss and gradients of the full Spos rows (visdet's recorded tiny-R18 training step,
+  its samples replayed).
 - ``TrainState``: a step whose positives overflow its mask rows is void and re-run (the all-rows
   update); frozen parameters (``frozen_stages``) are constants of the step.
+- A Cascade Mask R-CNN picks its rows from the positives of all its stages (slow).
 """
 from __future__ import annotations
 
@@ -16,68 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxdet import nn
-
-HI = jax.lax.Precision.HIGHEST
-
-CASES = [  # (N, H, W, Cin, Cout, k, stride, padding, dilation)
-    (2, 11, 9, 256, 8, 3, 1, 1, 1),
-    (2, 11, 9, 256, 8, 3, 2, 1, 1),
-    (1, 12, 12, 256, 4, 3, 1, 2, 2),
-    (1, 9, 11, 260, 5, 3, 2, 0, 1),
-    (2, 8, 10, 16, 12, 1, 2, 0, 1),
-    (2, 7, 7, 32, 6, 1, 1, 0, 1),
-    # strided, narrow: input gradient by phases, XLA's weight gradient
-    (2, 12, 10, 16, 8, 3, 2, 1, 1),
-    (1, 11, 13, 8, 4, 3, 2, 1, 1),
-    (1, 13, 9, 6, 4, 7, 2, 3, 1),
-    (1, 10, 11, 8, 4, 2, 3, 0, 1),  # kernel narrower than the stride: empty phases
-]
-
-
-def _grads(fn, x, w, args):
-    return jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.cos(fn(x, w, *args))), (0, 1)))(x, w)
-
-
-@pytest.mark.parametrize("case", CASES, ids=[f"k{c[5]}s{c[6]}p{c[7]}d{c[8]}c{c[3]}" for c in CASES])
-def test_conv_custom_gradients_equal_xla(case):
-    n, h, w_, cin, cout, k, s, p, d = case
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((n, h, w_, cin))
-    w = rng.standard_normal((k, k, cin, cout)) / np.sqrt(k * k * cin)
-    assert nn._custom_vjp(w, (s, s), (d, d), 1)  # the custom-VJP path is the one under test
-    args = ((s, s), (p, p), (d, d), 1, HI, None)
-    with jax.enable_x64():
-        mine = _grads(nn.conv2d, jnp.asarray(x), jnp.asarray(w), args)
-        ref = _grads(nn._conv_xla, jnp.asarray(x), jnp.asarray(w), args)
-        for a, b in zip(mine, ref):
-            assert a.dtype == jnp.float64
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
-    f32 = _grads(nn.conv2d, jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), args)
-    for a, b in zip(f32, ref):  # float32 summation error only
-        assert a.dtype == jnp.float32
-        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 2e-6 * np.abs(np.asarray(b)).max()
-
-
-def test_conv_bf16_gradients_keep_dtypes():
-    """Mixed precision: bf16 operands, float32 output; the weight gradient comes back in the weight's
-    dtype (the layer's float32 -> bf16 cast turns it into float32), close to the float32 one."""
-    rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.standard_normal((2, 10, 10, 256)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((3, 3, 256, 8)) / 48, jnp.float32)
-
-    def loss(x, w, dt):
-        y = nn.conv2d(x.astype(dt), w.astype(dt), (1, 1), (1, 1), (1, 1), 1,
-                      jax.lax.Precision.DEFAULT if dt == jnp.bfloat16 else HI, jnp.float32)
-        assert y.dtype == jnp.float32
-        return jnp.sum(y * y)
-
-    gb = jax.grad(loss, (0, 1))(x, w, jnp.bfloat16)
-    gf = jax.grad(loss, (0, 1))(x, w, jnp.float32)
-    for a, b in zip(gb, gf):
-        assert a.dtype == jnp.float32
-        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 2e-2 * np.abs(np.asarray(b)).max()
-
 
 @pytest.fixture(scope="module")
 def replay():
@@ -85,7 +21,7 @@ def replay():
 
     require_goldens()
     from flaxdet.config import load_config
-    from flaxdet.models.detectors.two_stage import build_detector
+    from flaxdet.models import build_detector
     from flaxdet_converters.checkpoint_io import load_checkpoint
     from flaxdet_converters.convert import load_visdet_state_dict
     from parity_tests.goldens import GOLDENS
@@ -98,39 +34,23 @@ def replay():
     return model, batch, inject
 
 
-def _loss_and_grads_rows(model, batch, key, inject, rows):
-    """loss_and_grads with the mask branch on ``rows`` rows per image (None: all Spos)."""
-    from flaxdet.training import forward, step
-
-    real = forward.loss_fn
-
-    def with_rows(*a, **k):
-        return real(*a, **k, mask_rows=rows)
-
-    orig = step.loss_fn
-    step.loss_fn = with_rows
-    try:
-        return step.loss_and_grads(model, batch, key, inject, with_stages=True)
-    finally:
-        step.loss_fn = orig
-
-
+@pytest.mark.goldens
 def test_mask_branch_rows_equal_all_rows(replay):
     """The mask branch on the smallest row bucket holding the positives gives the all-rows (Spos)
     loss, stages and mask-head gradients, and says how many rows the positives took (fewer rows:
     see the re-run test below)."""
-    from flaxdet.models.roi_heads.standard_roi_head import mask_rows_for_count
-    from flaxdet.training.step import mask_row_buckets
+    from flaxdet.fast_paths.mask_rows import mask_rows_for_count
+    from flaxdet.training.step import loss_and_grads
 
     model, batch, inject = replay
     key = jax.random.PRNGKey(0)
-    logs_all, grads_all, st_all = _loss_and_grads_rows(model, batch, key, inject, None)
+    logs_all, grads_all, st_all = loss_and_grads(model, batch, key, inject, True, None)
     spos = np.asarray(st_all["mask_valid"]).reshape(2, -1)
     need = max(int(np.nonzero(r)[0].max()) + 1 for r in spos if r.any())
-    buckets = mask_row_buckets(model)
+    buckets = model.roi_head.mask_row_buckets()
     rows = mask_rows_for_count(spos.shape[1], need)
     assert rows < buckets[-1], (need, buckets)  # a smaller bucket than Spos holds the positives here
-    logs, grads, st = _loss_and_grads_rows(model, batch, key, inject, rows)
+    logs, grads, st = loss_and_grads(model, batch, key, inject, True, rows)
     assert logs["mask_rows_needed"] == need
     assert logs["loss_mask"] == pytest.approx(logs_all["loss_mask"], rel=1e-6)
     assert logs["loss"] == pytest.approx(logs_all["loss"], rel=1e-6)
@@ -146,7 +66,7 @@ def test_mask_branch_rows_equal_all_rows(replay):
 
 def _small_batch(h=128, w=160, n=2, k=3, seed=0):
     """n random images with k box-shaped GT masks each (labels 0..2), as the train loader pads them."""
-    from flaxdet.training.forward import pad_ground_truth
+    from flaxdet.data.transforms import pad_ground_truth
 
     rng = np.random.default_rng(seed)
     gts = []
@@ -163,11 +83,12 @@ def _small_batch(h=128, w=160, n=2, k=3, seed=0):
     return {key: jnp.asarray(v) for key, v in batch.items()}
 
 
+@pytest.mark.goldens
 def test_train_step_reruns_when_positives_overflow_and_freezes(replay):
     """TrainState picks its rows from the positives of recent steps; a step whose positives need
     more rows changes nothing and is re-run with the bucket holding them -- the same update as a
     step run on all Spos rows. Frozen parameters (``frozen_stages``) stay put, the rest move."""
-    from flaxdet.training.loop import make_optimizer
+    from flaxdet.training.optimizers import make_optimizer
     from flaxdet.training.step import TrainState, _path_names
 
     model = replay[0]
@@ -188,11 +109,13 @@ def test_train_step_reruns_when_positives_overflow_and_freezes(replay):
     names = lambda tree: {".".join(_path_names(p)): np.asarray(v)  # noqa: E731
                           for p, v in jax.tree_util.tree_leaves_with_path(tree)}
     before, after = names(params0), names(ref)
-    frozen = [".".join(_path_names(p)) for p, _ in jax.tree_util.tree_leaves_with_path(params0) if state.frozen(p) == 0.0]
+    frozen = [".".join(_path_names(p)) for p, _ in jax.tree_util.tree_leaves_with_path(params0)
+              if state.frozen(p) == 0.0]
     assert frozen and any(k.startswith("backbone.conv1") for k in frozen)
     assert all(np.array_equal(before[k], after[k]) for k in frozen)
     moved = [k for k in before if k not in frozen and not np.array_equal(before[k], after[k])]
-    assert any(k.startswith("backbone.layer4") for k in moved) and any(k.startswith("roi_head.mask_head") for k in moved)
+    assert any(k.startswith("backbone.layer4") for k in moved)
+    assert any(k.startswith("roi_head.mask_head") for k in moved)
     # from the same start, with buckets around the positives, as if recent steps had fewer of them
     state.params, state.opt_state, state.step = jax.tree.map(jnp.array, params0), opt0, 0
     state.mask_buckets, state.needed_rows, state.MASK_ROWS_HEADROOM = (need - 2, spos), [need - 2], 1.0
@@ -208,8 +131,8 @@ def test_train_step_reruns_when_positives_overflow_and_freezes(replay):
 def test_cascade_train_step_picks_mask_rows():
     """A Cascade Mask R-CNN (every stage a mask branch) trains through the row buckets: the buckets
     come from the stages' Spos, the positives of all stages pick the next step's, the update is finite."""
-    from flaxdet.models.detectors.two_stage import build_detector
-    from flaxdet.training.loop import make_optimizer
+    from flaxdet.models import build_detector
+    from flaxdet.training.optimizers import make_optimizer
     from flaxdet.training.step import TrainState
     from parity_tests.test_cascade import small_cascade_cfg
 

@@ -21,7 +21,7 @@ from flax import nnx
 
 from flaxdet.config import load_config
 from flaxdet.inference import Detector, make_batch, unpad
-from flaxdet.models.detectors.two_stage import build_detector
+from flaxdet.models import build_detector
 from flaxdet.nn import set_compute_dtype
 from flaxdet.parity import Tol
 from flaxdet_converters.checkpoint_io import load_checkpoint
@@ -90,7 +90,8 @@ def check_against_golden(det, case, image):
     for name, x, y in (("golden->bf16", want, got), ("bf16->golden", got, want)):
         iou, sd = match(x, y)
         ok = iou >= BOX_IOU
-        stats[name] = dict(n=len(iou), matched=float(ok.mean()), max_score_diff=float(sd[ok].max()) if ok.any() else None)
+        stats[name] = dict(n=len(iou), matched=float(ok.mean()),
+                           max_score_diff=float(sd[ok].max()) if ok.any() else None)
     print(f"{case}/{image}: {len(got['scores'])} bf16 vs {len(want['scores'])} golden detections; features "
           f"{ {k: f'{v:.1e}' for k, v in feats.items()} }; {stats}")
     assert max(feats.values()) <= FEATURES, feats
@@ -114,6 +115,7 @@ def _eqns(jaxpr):
                     yield from _eqns(inner)
 
 
+@pytest.mark.goldens
 def test_policy_bf16_operands_float32_results():
     """Traced (not compiled) tiny R18 forward: each conv/dot takes bf16 operands and yields float32;
     BN, activations and every other floating op stay float32 (bf16 operands are only cast, sliced and
@@ -132,7 +134,7 @@ def test_policy_bf16_operands_float32_results():
             assert all(v.aval.dtype == jnp.bfloat16 for v in e.invars), e
             assert all(v.aval.dtype == jnp.float32 for v in e.outvars), e
         elif e.primitive.name not in ("convert_element_type", "reshape", "slice"):  # moves, no arithmetic
-            # (a 1x1 conv is a matmul over its strided, flattened bf16 input: flaxdet.nn._conv1x1)
+            # (a 1x1 conv is a matmul over its strided, flattened bf16 input: flaxdet.fast_paths.conv.conv1x1)
             other_bf16 += [e.primitive.name for v in e.outvars if getattr(v.aval, "dtype", None) == jnp.bfloat16]
     assert heavy > 20 and not other_bf16, (heavy, other_bf16)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
@@ -143,6 +145,7 @@ def test_policy_bf16_operands_float32_results():
     assert not any(getattr(v.aval, "dtype", None) == jnp.bfloat16 for e in _eqns(jaxpr) for v in e.outvars)
 
 
+@pytest.mark.goldens
 def test_set_compute_dtype_rejects_unknown():
     require_goldens()
     model, _ = golden_model("mask_rcnn_tiny_r18")
@@ -155,6 +158,7 @@ def test_set_compute_dtype_rejects_unknown():
 _DETECTOR = {}
 
 
+@pytest.mark.goldens
 @pytest.mark.parametrize("image", [pytest.param(i, marks=[] if i == "coco_test_12510" else [pytest.mark.slow])
                                    for i in IMAGES])
 def test_bf16_inference_matches_visdet_float32(image):
@@ -172,13 +176,13 @@ def test_bf16_inference_matches_visdet_float32(image):
 def _train_batch(model, hw=(128, 160)):
     """Two crops of the golden photos with a few GT boxes/masks each (static training batch)."""
     from flaxdet.config import final_bbox_head
-    from flaxdet.training.forward import own_pad_shape, pad_ground_truth
+    from flaxdet.data.transforms import own_pad_shape, pad_ground_truth
 
     h, w = hw
     rng = np.random.default_rng(0)
     images, gts = [], []
     ncls = final_bbox_head(model.cfg.roi_head).num_classes
-    for i, name in enumerate(IMAGES[:2]):
+    for name in IMAGES[:2]:
         p = golden_image("mask_rcnn_tiny_r18", name)["input_bgr_uint8"]
         images.append(p[:h, :w])
         k = 3
@@ -197,7 +201,7 @@ def _train_batch(model, hw=(128, 160)):
 
 
 def _train_step(dtype, steps=1):
-    from flaxdet.training.loop import make_optimizer
+    from flaxdet.training.optimizers import make_optimizer
     from flaxdet.training.step import TrainState
 
     model, _ = golden_model("mask_rcnn_tiny_r18")
@@ -209,6 +213,7 @@ def _train_step(dtype, steps=1):
     return state, before, [{k: float(v) for k, v in lg.items()} for lg in logs]
 
 
+@pytest.mark.goldens
 def test_bf16_train_step_finite_float32_params():
     require_goldens()
     state, before, logs = _train_step("bfloat16")
@@ -225,6 +230,7 @@ def test_bf16_train_step_finite_float32_params():
     assert moved > 0, "the bf16 step moved no parameter"
 
 
+@pytest.mark.goldens
 @pytest.mark.slow
 def test_bf16_train_step_close_to_float32():
     """Same weights, batch and sampler key: bf16 loss terms within BF16_TOLERANCES["bf16.train.loss"] of

@@ -12,6 +12,8 @@ import pytest
 
 from parity_tests.goldens import GOLDENS, require_goldens
 
+pytestmark = pytest.mark.goldens
+
 CASE = "mask_rcnn_tiny_r18"
 
 

@@ -1,7 +1,7 @@
-"""Box coding and overlaps (visdet ``DeltaXYWHBBoxCoder`` and ``bbox_overlaps``), pure jnp.
+"""DeltaXYWHBBoxCoder (visdet ``task_modules/coders/delta_xywh_bbox_coder.py``), pure jnp.
 
-Arithmetic order follows visdet exactly so float32 results are bit-comparable. visdet's decode
-has no dw/dh clamp; ``wh_ratio_clip`` (e.g. 16/1000) restores upstream MMDetection's clamp.
+Arithmetic order follows visdet exactly so float32 results are bit-comparable. visdet's decode has no dw/dh
+clamp; ``wh_ratio_clip`` (e.g. 16/1000) restores upstream MMDetection's clamp.
 """
 from __future__ import annotations
 
@@ -48,15 +48,3 @@ def decode_deltas(bboxes, deltas, means=(0.0, 0.0, 0.0, 0.0), stds=(1.0, 1.0, 1.
         x1, x2 = jnp.clip(x1, 0, w), jnp.clip(x2, 0, w)
         y1, y2 = jnp.clip(y1, 0, h), jnp.clip(y2, 0, h)
     return jnp.stack([x1, y1, x2, y2], axis=-1)
-
-
-def bbox_overlaps(a, b, eps=1e-6):
-    """IoU matrix (..., N, M) as visdet's ``bbox_overlaps`` (mode iou, union clamped to eps, no +1)."""
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
-    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    lt = jnp.maximum(a[..., :, None, :2], b[..., None, :, :2])
-    rb = jnp.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
-    wh = jnp.clip(rb - lt, 0)
-    overlap = wh[..., 0] * wh[..., 1]
-    union = area_a[..., :, None] + area_b[..., None, :] - overlap
-    return overlap / jnp.maximum(union, eps)

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 
 from flaxdet.config import load_config
-from flaxdet.models.detectors.two_stage import build_detector
-from flaxdet_converters.checkpoint_io import CheckpointError, load_checkpoint
-from flaxdet_converters.convert import (ConversionError, export_visdet_state_dict, flax_variables,
-                                        load_visdet_state_dict)
+from flaxdet.models import build_detector
+from flaxdet_converters.checkpoint_io import load_checkpoint
+from flaxdet_converters.convert import ConversionError, export_visdet_state_dict, flax_variables, load_visdet_state_dict
 from parity_tests.goldens import CASES, GOLDENS, WEIGHT_FILES, require_goldens
 
 
@@ -22,6 +21,7 @@ def cfg_of(case):
     return load_config(GOLDENS / case / "config.yaml")
 
 
+@pytest.mark.goldens
 @pytest.mark.parametrize("fname", WEIGHT_FILES)
 @pytest.mark.parametrize("case", CASES)
 def test_round_trip_bit_identical(case, fname):
@@ -36,6 +36,7 @@ def test_round_trip_bit_identical(case, fname):
         assert np.array_equal(back[k], sd[k]), k
 
 
+@pytest.mark.goldens
 def test_paths_are_visdet_keys():
     """A visdet key names its Flax variable by path: no table, no positions."""
     model = build_detector(cfg_of("mask_rcnn_tiny_r18"))
@@ -53,6 +54,7 @@ def _sd(case="mask_rcnn_tiny_r18"):
     return OrderedDict(load_checkpoint(GOLDENS / case / "state_dict.pth").state_dict)
 
 
+@pytest.mark.goldens
 def test_missing_unexpected_misshapen_are_reported_and_nothing_changes():
     sd = _sd()
     sd.pop("neck.fpn_convs.0.conv.bias")
@@ -73,6 +75,7 @@ def test_missing_unexpected_misshapen_are_reported_and_nothing_changes():
     assert len(rep.converted) == len(sd) - 2
 
 
+@pytest.mark.goldens
 def test_wrong_architecture():
     sd = _sd("mask_rcnn_tiny_r18")
     model = build_detector(cfg_of("mask_rcnn_tiny_r50"))
@@ -81,7 +84,7 @@ def test_wrong_architecture():
 
 
 def test_mmdet_dialect_renames_swin_projection():
-    from flaxdet_converters.convert import _normalise_keys, ConversionReport
+    from flaxdet_converters.convert import ConversionReport, _normalise_keys
 
     rep = ConversionReport()
     out = _normalise_keys({"backbone.patch_embed.projection.weight": 1, "neck.x": 2}, "mmdet", rep)
@@ -94,6 +97,7 @@ def _cli(*args, cwd=None):
                           cwd=cwd, timeout=600)
 
 
+@pytest.mark.goldens
 @pytest.mark.parametrize("fmt", ["orbax", "safetensors"])
 def test_cli_convert_export_round_trip(tmp_path, fmt):
     require_goldens()
@@ -117,6 +121,7 @@ def test_cli_convert_export_round_trip(tmp_path, fmt):
             assert back.classes == orig.classes
 
 
+@pytest.mark.goldens
 def test_cli_convert_runner_checkpoint_without_config(tmp_path):
     """visdet's own runner file: config recovered from meta.cfg, no visdet, nothing executed."""
     require_goldens()
@@ -127,6 +132,7 @@ def test_cli_convert_runner_checkpoint_without_config(tmp_path):
     assert load_config(tmp_path / "m" / "config.yaml").roi_head.bbox_head.num_classes == 2
 
 
+@pytest.mark.goldens
 def test_cli_errors_write_nothing(tmp_path):
     require_goldens()
     good = GOLDENS / "mask_rcnn_tiny_r18" / "state_dict.pth"
