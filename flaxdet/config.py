@@ -577,6 +577,184 @@ class CascadeRCNNCfg(TwoStageDetectorCfg):
     TYPE: ClassVar[str] = "CascadeRCNN"
 
 
+# ------------------------------------------------------------------- RTMDet family
+def _bn(momentum=0.03, eps=0.001):  # the RTMDet modules' class default (the presets give SyncBN: 0.1 / 1e-5)
+    return field(default_factory=lambda: NormCfg(eps=eps, momentum=momentum))
+
+
+def _silu():
+    return field(default_factory=lambda: FrozenMap({"type": "SiLU"}))
+
+
+@dataclass(frozen=True)
+class CSPNeXtCfg(BackboneCfg):
+    TYPE: ClassVar[str] = "CSPNeXt"
+    arch: str = "P5"
+    deepen_factor: float = 1.0
+    widen_factor: float = 1.0
+    out_indices: tuple = (2, 3, 4)
+    frozen_stages: int = -1
+    use_depthwise: bool = False
+    expand_ratio: float = 0.5
+    arch_ovewrite: Optional[tuple] = None  # (sic) visdet's / mmdet's spelling
+    spp_kernel_sizes: tuple = (5, 9, 13)
+    channel_attention: bool = True
+    conv_cfg: Optional[FrozenMap] = None
+    norm_cfg: NormCfg = _bn()
+    act_cfg: FrozenMap = _silu()
+    norm_eval: bool = False
+    init_cfg: Optional[FrozenMap] = None
+
+
+@dataclass(frozen=True)
+class CSPNeXtPAFPNCfg(NeckCfg):
+    TYPE: ClassVar[str] = "CSPNeXtPAFPN"
+    in_channels: tuple = (256, 512, 1024)
+    out_channels: int = 256
+    num_csp_blocks: int = 3
+    use_depthwise: bool = False
+    expand_ratio: float = 0.5
+    upsample_cfg: FrozenMap = field(default_factory=lambda: FrozenMap({"scale_factor": 2, "mode": "nearest"}))
+    conv_cfg: Optional[FrozenMap] = None
+    norm_cfg: NormCfg = _bn()
+    act_cfg: FrozenMap = _silu()
+    init_cfg: Optional[FrozenMap] = None
+
+
+@dataclass(frozen=True)
+class MlvlPointGeneratorCfg(PriorGeneratorCfg):
+    TYPE: ClassVar[str] = "MlvlPointGenerator"
+    strides: tuple = (8, 16, 32)
+    offset: float = 0.5
+
+
+@dataclass(frozen=True)
+class DistancePointBBoxCoderCfg(BBoxCoderCfg):
+    TYPE: ClassVar[str] = "DistancePointBBoxCoder"
+    clip_border: bool = True
+
+
+@dataclass(frozen=True)
+class QualityFocalLossCfg(LossCfg):
+    TYPE: ClassVar[str] = "QualityFocalLoss"
+    use_sigmoid: bool = True
+    beta: float = 2.0
+    reduction: str = "mean"
+    loss_weight: float = 1.0
+    activated: bool = False
+
+
+@dataclass(frozen=True)
+class GIoULossCfg(LossCfg):
+    TYPE: ClassVar[str] = "GIoULoss"
+    eps: float = 1e-6
+    reduction: str = "mean"
+    loss_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class DiceLossCfg(LossCfg):
+    TYPE: ClassVar[str] = "DiceLoss"
+    use_sigmoid: bool = True
+    activate: bool = True
+    reduction: str = "mean"
+    naive_dice: bool = False
+    loss_weight: float = 1.0
+    eps: float = 1e-3
+
+
+@dataclass(frozen=True)
+class DynamicSoftLabelAssignerCfg(AssignerCfg):
+    TYPE: ClassVar[str] = "DynamicSoftLabelAssigner"
+    soft_center_radius: float = 3.0
+    topk: int = 13
+    iou_weight: float = 3.0
+    iou_calculator: Optional[FrozenMap] = None
+
+
+@dataclass(frozen=True)
+class RTMDetTrainCfg(Cfg):
+    """The single-stage ``train_cfg`` (handed to the head as its ``train_cfg``)."""
+    assigner: AssignerCfg = field(default_factory=DynamicSoftLabelAssignerCfg)
+    allowed_border: int = -1
+    pos_weight: float = -1
+    debug: bool = False
+
+
+@dataclass(frozen=True)
+class RTMDetTestCfg(Cfg):
+    """The single-stage ``test_cfg``: per-level top ``nms_pre`` above ``score_thr``, class-wise NMS."""
+    nms_pre: int = 30000
+    min_bbox_size: float = 0
+    score_thr: float = 0.001
+    nms: NMSCfg = field(default_factory=lambda: NMSCfg(iou_threshold=0.65))
+    max_per_img: int = 300
+    mask_thr_binary: float = 0.5
+
+
+@dataclass(frozen=True)
+class RTMDetSepBNHeadCfg(DenseHeadCfg):
+    """``num_classes`` is None in visdet's presets (visdet cannot build them as shipped): it then comes from the
+    checkpoint's class-layer shapes or ``--num-classes``."""
+    TYPE: ClassVar[str] = "RTMDetSepBNHead"
+    num_classes: Optional[int] = None
+    in_channels: int = 256
+    feat_channels: int = 256
+    stacked_convs: int = 2
+    share_conv: bool = True
+    use_depthwise: bool = False
+    pred_kernel_size: int = 1
+    exp_on_reg: bool = False
+    with_objectness: bool = True
+    anchor_generator: PriorGeneratorCfg = field(default_factory=lambda: MlvlPointGeneratorCfg(offset=0))
+    bbox_coder: BBoxCoderCfg = field(default_factory=DistancePointBBoxCoderCfg)
+    loss_cls: LossCfg = field(default_factory=QualityFocalLossCfg)
+    loss_bbox: LossCfg = field(default_factory=lambda: GIoULossCfg(loss_weight=2.0))
+    conv_cfg: Optional[FrozenMap] = None
+    norm_cfg: NormCfg = _bn()
+    act_cfg: FrozenMap = _silu()
+    conv_bias: Union[bool, str] = "auto"
+    train_cfg: Optional[RTMDetTrainCfg] = None
+    test_cfg: Optional[RTMDetTestCfg] = None
+    init_cfg: Optional[FrozenMap] = None
+
+
+@dataclass(frozen=True)
+class RTMDetInsSepBNHeadCfg(RTMDetSepBNHeadCfg):
+    """The instance head: regression is ``relu(.) * stride`` (``exp_on_reg`` is not read), plus the kernel tower,
+    ``mask_head`` (MaskFeatModule) and dynamic convs. ``tie_reg_to_cls`` (flaxdet's, default false = visdet):
+    upstream MMDetection's reg tower *is* the cls tower."""
+    TYPE: ClassVar[str] = "RTMDetInsSepBNHead"
+    with_objectness: bool = False
+    num_prototypes: int = 8
+    dyconv_channels: int = 8
+    num_dyconvs: int = 3
+    mask_loss_stride: int = 4
+    loss_mask: LossCfg = field(default_factory=lambda: DiceLossCfg(loss_weight=2.0, eps=5e-6))
+    tie_reg_to_cls: bool = False
+
+
+@dataclass(frozen=True)
+class RTMDetCfg(DetectorCfg):
+    """visdet ``RTMDet`` (a SingleStageDetector): backbone, neck, ``bbox_head``; ``train_cfg`` / ``test_cfg`` are
+    handed to the head."""
+    TYPE: ClassVar[str] = "RTMDet"
+    backbone: BackboneCfg = field(default_factory=CSPNeXtCfg)
+    neck: Optional[NeckCfg] = None
+    bbox_head: Optional[DenseHeadCfg] = None
+    train_cfg: Optional[RTMDetTrainCfg] = None
+    test_cfg: Optional[RTMDetTestCfg] = None
+    data_preprocessor: PreprocessorCfg = field(default_factory=DetDataPreprocessorCfg)
+    use_syncbn: bool = True
+    init_cfg: Optional[FrozenMap] = None
+    preset_meta: Optional[FrozenMap] = None  # aliases, weights URL, img_scale
+
+
+def is_two_stage(cfg) -> bool:
+    return isinstance(cfg, TwoStageDetectorCfg)
+
+
+
 # The one explicit table: visdet ``type`` string -> config dataclass.
 TYPE_TABLE: dict[str, type[Cfg]] = {
     c.TYPE: c for c in (
@@ -587,6 +765,8 @@ TYPE_TABLE: dict[str, type[Cfg]] = {
         ConvFCBBoxHeadCfg, Shared2FCBBoxHeadCfg, Shared4Conv1FCBBoxHeadCfg, FCNMaskHeadCfg,
         CrossEntropyLossCfg, L1LossCfg, SmoothL1LossCfg,
         MaxIoUAssignerCfg, RandomSamplerCfg,
+        RTMDetCfg, CSPNeXtCfg, CSPNeXtPAFPNCfg, RTMDetSepBNHeadCfg, RTMDetInsSepBNHeadCfg, MlvlPointGeneratorCfg,
+        DistancePointBBoxCoderCfg, QualityFocalLossCfg, GIoULossCfg, DiceLossCfg, DynamicSoftLabelAssignerCfg,
     )
 }
 
@@ -795,8 +975,8 @@ _TYPED_BASES = (BackboneCfg, NeckCfg, DenseHeadCfg, RoIHeadCfg, BBoxHeadCfg, Mas
                 AssignerCfg, SamplerCfg, DetectorCfg, PreprocessorCfg)
 
 
-def parse_model_config(d: Mapping, source: str = "<dict>") -> TwoStageDetectorCfg:
-    """Parse a visdet model dict (with ``type: MaskRCNN`` ...) into dataclasses.
+def parse_model_config(d: Mapping, source: str = "<dict>") -> DetectorCfg:
+    """Parse a visdet model dict (with ``type: MaskRCNN`` / ``RTMDet`` ...) into dataclasses.
 
     visdet's ``TwoStageDetector`` forces ``rpn_head.num_classes = 1`` and hands
     ``train_cfg.rpn``/``test_cfg.rpn`` to the RPN head and ``*.rcnn`` to the RoI
@@ -805,16 +985,20 @@ def parse_model_config(d: Mapping, source: str = "<dict>") -> TwoStageDetectorCf
     if "model" in d and "type" not in d:
         d = d["model"]
     cfg = _parse_cfg(d, DetectorCfg, "", source)
-    if cfg.rpn_head is not None:
+    if getattr(cfg, "rpn_head", None) is not None:
         cfg = dataclasses.replace(cfg, rpn_head=dataclasses.replace(
             cfg.rpn_head, num_classes=1,
             train_cfg=cfg.train_cfg.rpn if cfg.train_cfg else cfg.rpn_head.train_cfg,
             test_cfg=cfg.test_cfg.rpn if cfg.test_cfg else cfg.rpn_head.test_cfg))
-    if cfg.roi_head is not None:
+    if getattr(cfg, "roi_head", None) is not None:
         cfg = dataclasses.replace(cfg, roi_head=dataclasses.replace(
             cfg.roi_head,
             train_cfg=cfg.train_cfg.rcnn if cfg.train_cfg else cfg.roi_head.train_cfg,
             test_cfg=cfg.test_cfg.rcnn if cfg.test_cfg else cfg.roi_head.test_cfg))
+    if isinstance(cfg, RTMDetCfg) and cfg.bbox_head is not None:  # visdet's SingleStageDetector does the same
+        cfg = dataclasses.replace(cfg, bbox_head=dataclasses.replace(
+            cfg.bbox_head, train_cfg=cfg.train_cfg or cfg.bbox_head.train_cfg,
+            test_cfg=cfg.test_cfg or cfg.bbox_head.test_cfg))
     return cfg
 
 
@@ -836,16 +1020,50 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
                       f"presets: {list_presets()}")
 
 
-def load_config(name_or_path: str | Path, **overrides) -> TwoStageDetectorCfg:
-    """Read a visdet YAML model config (or a preset name) once into dataclasses."""
-    path = resolve_config_path(name_or_path)
+def _deep_merge(base: Mapping, child: Mapping) -> dict:
+    """visdet's YAML loader: dicts merge key by key, the child wins, anything else (lists too) is replaced whole."""
+    out = dict(base)
+    for k, v in child.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+def read_yaml_with_bases(path: Path, _chain: tuple = ()) -> dict:
+    """A YAML mapping with its ``_base_:`` files (one path or a list, relative to the file) merged under it,
+    depth-first, as visdet's ``Config.fromfile`` does. A chain that loops or names a missing file is an error
+    naming the chain."""
+    path = Path(path)
+    key = path.resolve()
+    if key in _chain:
+        loop = " -> ".join(str(p) for p in (*_chain[_chain.index(key):], key))
+        raise ConfigError(f"{path}: _base_ chain loops: {loop}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: expected a mapping at top level, got {type(data).__name__}")
-    cfg = parse_model_config(data, str(path))
+    bases = data.get("_base_")
+    if bases is None:
+        return dict(data)
+    data = {k: v for k, v in data.items() if k != "_base_"}
+    merged: dict = {}
+    for b in [bases] if isinstance(bases, str) else list(bases) if isinstance(bases, list) else [None]:
+        if not isinstance(b, str):
+            raise ConfigError(f"{path}: _base_ must be a file path or a list of them, got {bases!r}")
+        bp = (path.parent / b)
+        if not bp.is_file():
+            raise ConfigError(f"{path}: _base_ file not found: {b} (looked for {bp})")
+        merged = _deep_merge(merged, read_yaml_with_bases(bp, (*_chain, key)))
+    return _deep_merge(merged, data)
+
+
+def load_config(name_or_path: str | Path, **overrides) -> TwoStageDetectorCfg:
+    """Read a visdet YAML model config (or a preset name) once into dataclasses."""
+    path = resolve_config_path(name_or_path)
+    cfg = parse_model_config(read_yaml_with_bases(path), str(path))
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
 

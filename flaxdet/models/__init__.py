@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flax import nnx
 
-from flaxdet.config import TwoStageDetectorCfg
+from flaxdet.config import ConfigError, TwoStageDetectorCfg
 from flaxdet.models.detectors.cascade_rcnn import CascadeRCNN
 from flaxdet.models.detectors.two_stage import FasterRCNN, MaskRCNN, TwoStageDetector
 
@@ -14,5 +14,5 @@ DETECTORS = {"TwoStageDetector": TwoStageDetector, "FasterRCNN": FasterRCNN, "Ma
 def build_detector(cfg: TwoStageDetectorCfg, seed: int = 0) -> TwoStageDetector:
     """A detector with torch-default initialised weights (``seed``) for a parsed config."""
     if cfg.TYPE not in DETECTORS:
-        raise ValueError(f"detector type {cfg.TYPE!r} is not supported (have {sorted(DETECTORS)})")
+        raise ConfigError(f"detector type {cfg.TYPE!r} is not supported by flaxdet yet (have {sorted(DETECTORS)})")
     return DETECTORS[cfg.TYPE](cfg, rngs=nnx.Rngs(seed))

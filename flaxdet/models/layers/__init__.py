@@ -1,10 +1,13 @@
 """ConvModule and norm layers, mirroring visdet's ``visdet.cv.cnn`` bricks (keys ``conv``, ``bn``/``gn``)."""
 from __future__ import annotations
 
+import jax
 from flax import nnx
 
 from flaxdet.config import NormCfg
 from flaxdet.nn import BatchNorm2d, Conv2d, GroupNorm, relu
+
+ACTIVATIONS = {"ReLU": relu, "SiLU": jax.nn.silu}
 
 
 def norm_layer(norm_cfg, num_features, rngs):
@@ -23,9 +26,10 @@ class ConvModule(nnx.Module):
                  bias="auto", conv_cfg=None, norm_cfg=None, act_cfg=(("type", "ReLU"),), inplace=True,
                  *, rngs: nnx.Rngs):
         act = dict(act_cfg) if act_cfg is not None else None
-        if act is not None and act.get("type") != "ReLU":
-            raise ValueError(f"unsupported act_cfg {act!r} (only ReLU)")
+        if act is not None and act.get("type") not in ACTIVATIONS:
+            raise ValueError(f"unsupported act_cfg {act!r} (supported: {', '.join(ACTIVATIONS)})")
         self.with_activation = act is not None
+        self.act_type = act["type"] if act is not None else None
         self.norm_name = None
         if bias == "auto":
             bias = norm_cfg is None
@@ -39,4 +43,4 @@ class ConvModule(nnx.Module):
         x = self.conv(x)
         if self.norm_name is not None:
             x = getattr(self, self.norm_name)(x)
-        return relu(x) if self.with_activation else x
+        return ACTIVATIONS[self.act_type](x) if self.with_activation else x

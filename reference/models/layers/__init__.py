@@ -36,8 +36,8 @@ class ConvModule(nn.Module):
             raise ValueError(f"unsupported conv_cfg {dict(conv_cfg)!r}")
         self.with_norm = norm_cfg is not None
         act = dict(act_cfg) if act_cfg is not None else None
-        if act is not None and act.get("type") != "ReLU":
-            raise ValueError(f"unsupported act_cfg {act!r} (only ReLU)")
+        if act is not None and act.get("type") not in ("ReLU", "SiLU"):
+            raise ValueError(f"unsupported act_cfg {act!r} (supported: ReLU, SiLU)")
         self.with_activation = act is not None
         if bias == "auto":
             bias = not self.with_norm
@@ -47,7 +47,7 @@ class ConvModule(nn.Module):
             self.norm_name, norm = norm_layer(norm_cfg, out_channels)
             self.add_module(self.norm_name, norm)
         if self.with_activation:
-            self.activate = nn.ReLU(inplace=inplace)
+            self.activate = nn.ReLU(inplace=inplace) if act["type"] == "ReLU" else nn.SiLU(inplace=inplace)
 
     def forward(self, x):
         x = self.conv(x)
