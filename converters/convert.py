@@ -31,7 +31,11 @@ from flax import nnx
 from flaxdet.nn import Counter
 
 # Upstream MMDetection spellings of keys visdet renamed: (mmdet fragment, visdet fragment).
-MMDET_RENAMES = ((".patch_embed.projection.", ".patch_embed.proj."),)
+MMDET_RENAMES = ((".patch_embed.projection.", ".patch_embed.proj."),
+                 # mmcv 2.x's DepthwiseSeparableConvModule (RTMDet's CSPNeXtBlock): visdet spells them without _conv
+                 (".depthwise_conv.", ".depthwise."), (".pointwise_conv.", ".pointwise."))
+# spellings that only upstream checkpoints use: read whatever the key dialect (reported as renamed)
+UPSTREAM_ONLY = ((".depthwise_conv.", ".depthwise."), (".pointwise_conv.", ".pointwise."))
 # visdet/torch dtypes of non-float state on export (JAX keeps int32 unless x64 is enabled).
 EXPORT_DTYPES = {Counter: np.int64}
 
@@ -51,10 +55,12 @@ class ConversionReport:
     unexpected: list[str] = field(default_factory=list)  # checkpoint keys the model has no place for
     misshapen: list[str] = field(default_factory=list)  # "key: checkpoint (..) -> flax (..) vs model (..)"
     renamed: list[str] = field(default_factory=list)  # "mmdet key -> visdet key" (key_dialect="mmdet")
+    # keys of one shared variable (RTMDet's share_conv: a level's conv IS level 0's) whose values differ
+    differing: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.misshapen)
+        return not (self.missing or self.unexpected or self.misshapen or self.differing)
 
     def summary(self, limit: int = 10) -> str:
         def show(name, xs):
@@ -62,14 +68,15 @@ class ConversionReport:
             return f"  {name} ({len(xs)}): " + ", ".join(xs[:limit]) + more
 
         lines = [f"converted {len(self.converted)} keys"]
-        for name in ("missing", "unexpected", "misshapen", "renamed"):
+        for name in ("missing", "unexpected", "misshapen", "differing", "renamed"):
             xs = getattr(self, name)
             if xs:
                 lines.append(show(name, xs))
         return "\n".join(lines)
 
     def as_dict(self):
-        return {k: list(getattr(self, k)) for k in ("converted", "missing", "unexpected", "misshapen", "renamed")}
+        return {k: list(getattr(self, k))
+                for k in ("converted", "missing", "unexpected", "misshapen", "differing", "renamed")}
 
 
 def torch_key(path) -> str:
@@ -88,13 +95,41 @@ def flax_variables(model: nnx.Module):
             yield torch_key(path), node, owner
 
 
+def variable_aliases(model: nnx.Module) -> dict:
+    """{visdet key: [the other keys of the same variable]} for variables reachable by several paths -- a module
+    shared between places, as RTMDet's ``share_conv`` (``bbox_head.cls_convs.{1,2}.{i}.conv`` IS level 0's).
+    visdet's state_dict holds every such key (the same tensor); :func:`flax_variables` yields the first."""
+    paths = {}
+
+    def walk(node, path, stack):
+        for key, child in nnx.graph.iter_children(node):
+            p = (*path, key)
+            if isinstance(child, nnx.Variable):
+                paths.setdefault(id(child), []).append(torch_key(p))
+            elif nnx.graph.is_graph_node(child) and id(child) not in stack:
+                walk(child, p, stack | {id(child)})
+
+    walk(model, (), frozenset())
+    return {ks[0]: ks[1:] for ks in paths.values() if len(ks) > 1}
+
+
 def _layout(owner, leaf: str):
     return getattr(type(owner), "TORCH_LAYOUT", {}).get(leaf)
 
 
 def _normalise_keys(state_dict, key_dialect, report):
     if key_dialect == "visdet":
-        return state_dict
+        if not any(a in "." + k for k in state_dict for a, _ in UPSTREAM_ONLY):
+            return state_dict
+        out = OrderedDict()  # an upstream RTMDet checkpoint: its depthwise-separable convs' spelling
+        for k, v in state_dict.items():
+            new = "." + k
+            for a, b in UPSTREAM_ONLY:
+                new = new.replace(a, b)
+            if new[1:] != k:
+                report.renamed.append(f"{k} -> {new[1:]}")
+            out[new[1:]] = v
+        return out
     if key_dialect == "swin":
         from flaxdet_converters.swin import official_swin_to_visdet
 
@@ -124,12 +159,21 @@ def load_visdet_state_dict(model: nnx.Module, state_dict: dict, strict: bool = T
     report = ConversionReport()
     sd = _normalise_keys(state_dict, key_dialect, report)
     used, updates = set(), []
+    aliases = variable_aliases(model)
     for key, var, owner in flax_variables(model):
         if key not in sd:
             report.missing.append(key)
             continue
         used.add(key)
         src = np.asarray(sd[key])
+        for alias in aliases.get(key, ()):  # every name of a shared variable: present, and the same values
+            if alias not in sd:
+                report.missing.append(alias)
+                continue
+            used.add(alias)
+            other = np.asarray(sd[alias])
+            if other.shape != src.shape or not np.array_equal(other, src):
+                report.differing.append(f"{alias} != {key} (one shared variable in the model)")
         perm = _layout(owner, key.rsplit(".", 1)[-1])
         arr = np.transpose(src, perm) if perm is not None and src.ndim == len(perm) else src
         target_shape = tuple(var.get_value().shape)
@@ -156,10 +200,12 @@ def _torch_shape(flax_shape, perm):
     return tuple(int(flax_shape[i]) for i in inv)
 
 
-def export_visdet_state_dict(model: nnx.Module, key_order=None) -> "OrderedDict[str, np.ndarray]":
+def export_visdet_state_dict(model: nnx.Module, key_order=None, key_dialect="visdet") -> "OrderedDict[str, np.ndarray]":
     """flaxdet model -> visdet state_dict (numpy, torch layouts and dtypes). ``key_order`` (e.g. the
-    source checkpoint's) fixes the order of keys; unknown names are appended in graph order."""
+    source checkpoint's) fixes the order of keys; unknown names are appended in graph order. ``key_dialect``
+    "mmdet" spells keys as upstream MMDetection 3.x does (RTMDet's ``depthwise_conv`` / ``pointwise_conv``)."""
     out = OrderedDict()
+    aliases = variable_aliases(model)
     for key, var, owner in flax_variables(model):
         arr = np.asarray(var.get_value())
         perm = _layout(owner, key.rsplit(".", 1)[-1])
@@ -167,8 +213,20 @@ def export_visdet_state_dict(model: nnx.Module, key_order=None) -> "OrderedDict[
             arr = np.transpose(arr, np.argsort(perm))
         dtype = EXPORT_DTYPES.get(type(var))
         out[key] = np.array(arr, dtype=dtype if dtype is not None else arr.dtype, order="C")
+        for alias in aliases.get(key, ()):  # a shared variable under every name visdet's state_dict has
+            out[alias] = out[key].copy()  # own memory: safetensors refuses shared tensors
     if key_order:
         ordered = OrderedDict((k, out[k]) for k in key_order if k in out)
         ordered.update((k, v) for k, v in out.items() if k not in ordered)
-        return ordered
+        out = ordered
+    if key_dialect == "mmdet":
+        def spell(k):
+            k = "." + k
+            for visdet_name, mmdet_name in ((b, a) for a, b in MMDET_RENAMES):
+                k = k.replace(visdet_name, mmdet_name)
+            return k[1:]
+
+        out = OrderedDict((spell(k), v) for k, v in out.items())
+    elif key_dialect != "visdet":
+        raise ValueError(f"export key_dialect must be 'visdet' or 'mmdet', got {key_dialect!r}")
     return out

@@ -50,7 +50,15 @@ def enable_compile_cache():
     return str(d)
 
 
+NUM_CLASSES_HELP = ("RTMDet: the head's class count, which visdet's presets leave out (default: read from the "
+                    "checkpoint's bbox_head.rtm_cls; given, it must agree with the checkpoint)")
+SCALE_HELP = ("keep-ratio resize bounds (default: the model's test pipeline: 1333 800 for the two-stage "
+              "family, the preset's img_scale, 640 640, for RTMDet)")
+
+
 def _scale(values):
+    if values is None:
+        return None
     if len(values) != 2:
         raise argparse.ArgumentTypeError("--scale takes two integers: LONG SHORT (e.g. 1333 800)")
     return tuple(int(v) for v in values)
@@ -72,6 +80,7 @@ def build_parser():
                        "otherwise nothing is written.")
     s.add_argument("checkpoint", help="visdet checkpoint file (.pth or .safetensors)")
     s.add_argument("--config", help="preset name or visdet YAML (optional for runner checkpoints)")
+    s.add_argument("--num-classes", type=int, help=NUM_CLASSES_HELP)
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--format", choices=("orbax", "safetensors"), default="orbax",
                    help="params as an orbax checkpoint (default) or one flat .safetensors file")
@@ -89,6 +98,9 @@ def build_parser():
                        "a visdet -> flaxdet -> visdet round trip is bit-identical.")
     s.add_argument("model_dir")
     s.add_argument("--out", required=True, help="output .pth or .safetensors")
+    s.add_argument("--key-dialect", choices=("visdet", "mmdet"), default="visdet",
+                   help="key spelling: visdet's (default) or upstream MMDetection 3.x's (RTMDet: depthwise_conv / "
+                   "pointwise_conv)")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("parity", help="per-stage comparison of flaxdet against PyTorch on an image",
@@ -98,12 +110,13 @@ def build_parser():
                        "features, heads, detections and masks. Prints a table, writes parity.json and "
                        "parity.png, exits 1 if any stage is outside its tolerance.")
     s.add_argument("--config", help="preset name or visdet YAML (optional for runner checkpoints)")
+    s.add_argument("--num-classes", type=int, help=NUM_CLASSES_HELP)
     s.add_argument("--checkpoint", required=True, help="visdet checkpoint file")
     s.add_argument("--image", required=True)
     s.add_argument("--against", choices=("reference", "visdet"), default="reference")
     s.add_argument("--out", default="parity_out", help="directory for parity.json / parity.png")
-    s.add_argument("--scale", nargs=2, default=(1333, 800), metavar=("LONG", "SHORT"),
-                   help="test-time keep-ratio resize (default 1333 800, visdet's COCO preset)")
+    s.add_argument("--scale", nargs=2, default=None, metavar=("LONG", "SHORT"),
+                   help=SCALE_HELP)
     s.set_defaults(func=cmd_parity)
 
     s = sub.add_parser("infer", help="detect on images: COCO-format JSON + overlay PNGs",
@@ -111,9 +124,10 @@ def build_parser():
                        "checkpoint with --config) on image files with visdet's test pipeline.")
     s.add_argument("--checkpoint", required=True, help="flaxdet model directory or visdet checkpoint")
     s.add_argument("--config", help="needed only for a visdet checkpoint without meta.cfg")
+    s.add_argument("--num-classes", type=int, help=NUM_CLASSES_HELP)
     s.add_argument("--images", nargs="+", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--scale", nargs=2, default=(1333, 800), metavar=("LONG", "SHORT"))
+    s.add_argument("--scale", nargs=2, default=None, metavar=("LONG", "SHORT"), help=SCALE_HELP)
     s.add_argument("--score-thr", type=float, default=0.3, help="overlay threshold (JSON keeps all)")
     s.add_argument("--batch-size", type=int, default=1)
     s.add_argument("--no-progress", action="store_true")
@@ -135,7 +149,7 @@ def build_parser():
     s.add_argument("--out", required=True)
     s.add_argument("--steps", type=int, default=1000)
     s.add_argument("--batch-size", type=int, default=2, help="global batch (split over devices)")
-    s.add_argument("--scale", nargs=2, default=(1333, 800), metavar=("LONG", "SHORT"))
+    s.add_argument("--scale", nargs=2, default=None, metavar=("LONG", "SHORT"), help=SCALE_HELP)
     s.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw",
                    help="adamw: visdet's runner default (lr 1e-4, wd 0.05); sgd: the 1x schedule (lr 0.02 "
                    "for batch 16, momentum 0.9, wd 1e-4, warm-up 500 it, x0.1 at epochs 8 and 11)")
@@ -157,10 +171,11 @@ def build_parser():
                        "on the same weights) with pycocotools; writes the results JSON and prints the metrics.")
     s.add_argument("--checkpoint", required=True, help="flaxdet model directory or visdet checkpoint")
     s.add_argument("--config", help="for a visdet checkpoint without meta.cfg")
+    s.add_argument("--num-classes", type=int, help=NUM_CLASSES_HELP)
     s.add_argument("--ann", required=True)
     s.add_argument("--images")
     s.add_argument("--out", default="eval_out")
-    s.add_argument("--scale", nargs=2, default=(1333, 800), metavar=("LONG", "SHORT"))
+    s.add_argument("--scale", nargs=2, default=None, metavar=("LONG", "SHORT"), help=SCALE_HELP)
     s.add_argument("--backend", choices=("flaxdet", "reference"), default="flaxdet")
     s.add_argument("--bucket", choices=("exact", "coarse"), default="exact")
     s.add_argument("--no-progress", action="store_true")
@@ -169,13 +184,18 @@ def build_parser():
 
 
 def cmd_presets(args):
-    from flaxdet.config import PRESET_DIR, final_bbox_head, list_presets, load_config
+    from flaxdet.config import PRESET_DIR, final_bbox_head, is_two_stage, list_presets, load_config
 
     for name in list_presets():
         cfg = load_config(name)
         depth = getattr(cfg.backbone, "depth", None)
-        print(f"{name:<20} {cfg.TYPE:<12} {cfg.backbone.TYPE}{'' if depth is None else f'-{depth}'} "
-              f"{final_bbox_head(cfg.roi_head).num_classes} classes   ({PRESET_DIR / (name + '.yaml')})")
+        arch = f"{cfg.backbone.TYPE}{'' if depth is None else f'-{depth}'}"
+        if is_two_stage(cfg):
+            classes = f"{final_bbox_head(cfg.roi_head).num_classes} classes"
+        else:
+            arch += f" d{cfg.backbone.deepen_factor} w{cfg.backbone.widen_factor} {cfg.bbox_head.TYPE}"
+            classes = "classes from the checkpoint"
+        print(f"{name:<20} {cfg.TYPE:<12} {arch:<44} {classes:<28} ({PRESET_DIR / (name + '.yaml')})")
     return 0
 
 
@@ -183,7 +203,7 @@ def cmd_convert(args):
     from flaxdet.api import convert
 
     out, report = convert(args.checkpoint, args.out, args.config, args.format, not args.no_strict, args.key_dialect,
-                          args.overwrite)
+                          args.overwrite, num_classes=args.num_classes)
     print(report.summary())
     print(f"wrote {out}")
     return 0
@@ -192,7 +212,7 @@ def cmd_convert(args):
 def cmd_export(args):
     from flaxdet.tools import export_model_dir  # flaxdet.api.export, with the key count
 
-    out, n = export_model_dir(args.model_dir, args.out)
+    out, n = export_model_dir(args.model_dir, args.out, key_dialect=args.key_dialect)
     print(f"wrote {n} keys to {out}")
     return 0
 
@@ -200,7 +220,8 @@ def cmd_export(args):
 def cmd_parity(args):
     from flaxdet.tools import run_parity
 
-    rows, report = run_parity(args.config, args.checkpoint, args.image, args.against, args.out, _scale(args.scale))
+    rows, report = run_parity(args.config, args.checkpoint, args.image, args.against, args.out, _scale(args.scale),
+                              num_classes=args.num_classes)
     return 0 if report["passed"] else 1
 
 
@@ -208,7 +229,8 @@ def cmd_infer(args):
     from flaxdet.tools import run_infer
 
     run_infer(args.checkpoint, args.images, args.out, args.config, _scale(args.scale), args.score_thr,
-              args.batch_size, progress=not args.no_progress, bucket=args.bucket, dtype=args.dtype)
+              args.batch_size, progress=not args.no_progress, bucket=args.bucket, dtype=args.dtype,
+              num_classes=args.num_classes)
     return 0
 
 
@@ -216,9 +238,10 @@ def cmd_train(args):
     from flaxdet.api import TrainConfig, train
 
     cfg = TrainConfig(args.checkpoint, args.ann, args.out, img_dir=args.images, steps=args.steps,
-                      batch_size=args.batch_size, scale=_scale(args.scale), optimizer=args.optimizer, lr=args.lr,
-                      weight_decay=args.weight_decay, warmup_iters=args.warmup_iters, ckpt_every=args.ckpt_every,
-                      keep=args.keep, seed=args.seed, max_gt=args.max_gt, num_devices=args.devices, dtype=args.dtype)
+                      batch_size=args.batch_size, scale=_scale(args.scale) or (1333, 800),
+                      optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+                      warmup_iters=args.warmup_iters, ckpt_every=args.ckpt_every, keep=args.keep, seed=args.seed,
+                      max_gt=args.max_gt, num_devices=args.devices, dtype=args.dtype)
     _, hist = train(cfg, progress=not args.no_progress)
     if hist:
         print("last step: " + ", ".join(f"{k}={v:.4g}" for k, v in hist[-1].items()))
@@ -233,7 +256,7 @@ def cmd_eval(args):
     from flaxdet.evaluation import evaluate
     from flaxdet.tools import load_any_model, reference_twin
 
-    model, _ = load_any_model(args.checkpoint, args.config)
+    model, _ = load_any_model(args.checkpoint, args.config, args.num_classes)
     if args.backend == "reference":
         model = reference_twin(model)
     out = Path(args.out)

@@ -754,6 +754,18 @@ def is_two_stage(cfg) -> bool:
     return isinstance(cfg, TwoStageDetectorCfg)
 
 
+def test_scale(cfg) -> tuple:
+    """The keep-ratio resize bounds of the model's test pipeline: the preset's ``preset_meta.img_scale`` (RTMDet:
+    640x640), else visdet's default (1333, 800) for two-stage models and (640, 640) for RTMDet."""
+    meta = dict(getattr(cfg, "preset_meta", None) or {})
+    if meta.get("img_scale"):
+        return tuple(int(v) for v in meta["img_scale"])
+    return (1333, 800) if is_two_stage(cfg) else (640, 640)
+
+
+test_scale.__test__ = False  # not a pytest test, whatever imports it
+
+
 
 # The one explicit table: visdet ``type`` string -> config dataclass.
 TYPE_TABLE: dict[str, type[Cfg]] = {

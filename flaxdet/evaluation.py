@@ -19,7 +19,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-from flaxdet.config import final_bbox_head
+from flaxdet.config import final_bbox_head, test_scale
 from flaxdet.data.coco import CocoDataset, DatasetError
 from flaxdet.data.transforms import load_image, resize_keep_ratio
 from flaxdet.inference import Detector
@@ -57,8 +57,10 @@ def detections_to_coco(det, image_id, cat_ids):
     return out
 
 
-def evaluate(model, ann_file, img_dir=None, scale=(1333, 800), backend="flaxdet", out_json=None, progress=True,
+def evaluate(model, ann_file, img_dir=None, scale=None, backend="flaxdet", out_json=None, progress=True,
              max_images=None, bucket="exact"):
+    """``scale``: the test resize (default: the model's, :func:`flaxdet.config.test_scale`)."""
+    scale = scale or test_scale(model.cfg)
     ds = CocoDataset(ann_file, img_dir)
 
     n_model = final_bbox_head(model.cfg.roi_head).num_classes

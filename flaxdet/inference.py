@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flaxdet.config import TwoStageDetectorCfg
-from flaxdet.data.transforms import DEFAULT_TEST_SCALE, load_image, resize_keep_ratio
+from flaxdet.config import TwoStageDetectorCfg, test_scale
+from flaxdet.data.transforms import load_image, resize_keep_ratio
 from flaxdet.fast_paths.mask_rows import mask_rows_for_count
 from flaxdet.models import TwoStageDetector, build_detector
 from flaxdet.nn import set_compute_dtype
@@ -103,9 +103,11 @@ class Detector:
         """The model's parameters (``nnx.Param`` leaves) as an ``nnx.State`` pytree, named like visdet's keys."""
         return nnx.state(self.model, nnx.Param)
 
-    def __call__(self, images, scale=DEFAULT_TEST_SCALE, bucket="exact"):
+    def __call__(self, images, scale=None, bucket="exact"):
         """Detections for one image (a path or an (H, W, 3) uint8 BGR array) or a list of them (one at a
-        time: visdet's test batch size, so results do not depend on what else is in the list)."""
+        time: visdet's test batch size, so results do not depend on what else is in the list). ``scale``: the
+        keep-ratio resize bounds (default: the model's test pipeline, :func:`flaxdet.config.test_scale`)."""
+        scale = scale or test_scale(self.cfg)
         single = isinstance(images, str | Path | np.ndarray)
         out = []
         for image in [images] if single else list(images):

@@ -2,6 +2,7 @@
 (reference/, an installed visdet) is imported only where used: it is an optional extra."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from flaxdet.checkpoint import load_model_dir, save_model_dir
-from flaxdet.config import ConfigError, dump_yaml, load_config, parse_model_config, to_dict
+from flaxdet.config import ConfigError, dump_yaml, is_two_stage, load_config, parse_model_config, test_scale, to_dict
 from flaxdet.data.transforms import ImageError, load_image, prepare_test_image, resize_keep_ratio
 from flaxdet.evaluation import detections_to_coco
 from flaxdet.inference import Detector, make_batch, unpad
@@ -24,48 +25,89 @@ from flaxdet_converters.checkpoint_io import load_checkpoint, save_checkpoint
 from flaxdet_converters.convert import export_visdet_state_dict, load_visdet_state_dict
 
 
-def _config_for(checkpoint, config):
-    """The config named by the user, else the one a runner checkpoint carries in meta.cfg."""
+def _config_for(checkpoint, config, num_classes=None, log=print):
+    """The config named by the user, else the one a runner checkpoint carries in meta.cfg; checked against the
+    checkpoint's family (one-stage RTMDet keys vs two-stage), with an RTMDet head's ``num_classes`` (visdet's
+    presets leave it unset) taken from the checkpoint's class layer or ``num_classes``."""
     if config is not None:
-        return load_config(config)
-    if checkpoint.model_cfg is not None:
-        return parse_model_config(checkpoint.model_cfg, f"{checkpoint.path} (meta.cfg)")
-    raise ConfigError(f"{checkpoint.path} carries no model config (meta.cfg); pass --config "
-                      "(a preset name such as mask_rcnn_r50, or a visdet YAML file)")
+        cfg = load_config(config)
+    elif checkpoint.model_cfg is not None:
+        cfg = parse_model_config(checkpoint.model_cfg, f"{checkpoint.path} (meta.cfg)")
+    else:
+        raise ConfigError(f"{checkpoint.path} carries no model config (meta.cfg); pass --config "
+                          "(a preset name such as mask_rcnn_r50 or rtmdet_s, or a visdet YAML file)")
+    sd = checkpoint.state_dict
+    rtmdet_ckpt = any(k.startswith("bbox_head.rtm_cls.") for k in sd)
+    two_stage_ckpt = any(k.startswith(("rpn_head.", "roi_head.")) for k in sd)
+    if is_two_stage(cfg) and rtmdet_ckpt:
+        raise ConfigError(f"{checkpoint.path} is an RTMDet checkpoint (bbox_head.rtm_cls.* keys) but the config is "
+                          f"a two-stage {cfg.TYPE}; pass an RTMDet config (e.g. --config rtmdet_s)")
+    if not is_two_stage(cfg) and two_stage_ckpt:
+        raise ConfigError(f"{checkpoint.path} is a two-stage checkpoint (rpn_head/roi_head keys) but the config is "
+                          f"{cfg.TYPE}; pass a two-stage config (e.g. --config mask_rcnn_r50)")
+    return with_num_classes(cfg, sd, num_classes, str(checkpoint.path), log)
+
+
+def with_num_classes(cfg, state_dict=None, num_classes=None, source="the checkpoint", log=print):
+    """An RTMDet config with ``bbox_head.num_classes`` set: from ``num_classes`` (``--num-classes``), which must
+    agree with the checkpoint's class layer when there is one, else from that layer's shape
+    (``bbox_head.rtm_cls.0.weight``: (classes, C, k, k)). Two-stage configs carry theirs and pass through."""
+    if is_two_stage(cfg) or getattr(cfg, "bbox_head", None) is None:
+        if num_classes is not None:
+            raise ConfigError("--num-classes applies to RTMDet configs (two-stage configs carry num_classes)")
+        return cfg
+    w = (state_dict or {}).get("bbox_head.rtm_cls.0.weight")
+    from_ckpt = int(np.shape(w)[0]) if w is not None else None
+    given = num_classes if num_classes is not None else cfg.bbox_head.num_classes
+    if given is not None and from_ckpt is not None and given != from_ckpt:
+        what = "--num-classes" if num_classes is not None else "the config's bbox_head.num_classes"
+        raise ConfigError(f"{what} is {given} but {source} has {from_ckpt} classes (bbox_head.rtm_cls.0.weight "
+                          f"{tuple(np.shape(w))})")
+    n = given if given is not None else from_ckpt
+    if n is None:
+        raise ConfigError("bbox_head.num_classes is not set (visdet's RTMDet presets leave it out): pass "
+                          "--num-classes, or a checkpoint to read it from")
+    if cfg.bbox_head.num_classes is None:
+        how = "--num-classes" if num_classes is not None else "the checkpoint's bbox_head.rtm_cls.0.weight"
+        log(f"num_classes: {n} (from {how})")
+    return dataclasses.replace(cfg, bbox_head=dataclasses.replace(cfg.bbox_head, num_classes=n))
 
 
 def convert_checkpoint(ckpt_path, config=None, out=None, fmt="orbax", strict=True, key_dialect="visdet",
-                       overwrite=False, log=print):
+                       overwrite=False, log=print, num_classes=None):
     """visdet checkpoint -> flaxdet model dir. Returns (out_dir, report). Writes nothing on failure."""
     ck = load_checkpoint(ckpt_path)
     for w in getattr(ck, "warnings", []) or []:
         log(f"warning: {w}")
-    cfg = _config_for(ck, config)
+    cfg = _config_for(ck, config, num_classes, log)
     model = build_detector(cfg)
     report = load_visdet_state_dict(model, ck.state_dict, strict=strict, key_dialect=key_dialect)
-    meta = dict(source=str(ckpt_path), source_format=ck.source_format, key_order=list(ck.state_dict),
+    renamed = dict(r.split(" -> ") for r in report.renamed)
+    meta = dict(source=str(ckpt_path), source_format=ck.source_format,
+                key_order=[renamed.get(k, k) for k in ck.state_dict],
                 report=report.as_dict())
     out_dir = save_model_dir(out, model, ck.classes, meta, fmt=fmt, overwrite=overwrite)
     return out_dir, report
 
 
-def export_model_dir(model_dir, out, log=print):
-    """flaxdet model dir -> visdet checkpoint (.pth runner-style with classes, or .safetensors)."""
+def export_model_dir(model_dir, out, log=print, key_dialect="visdet"):
+    """flaxdet model dir -> visdet checkpoint (.pth runner-style with classes, or .safetensors); ``key_dialect``
+    "mmdet": upstream MMDetection's key spelling."""
     model, classes, meta = load_model_dir(model_dir)
-    sd = export_visdet_state_dict(model, meta.get("key_order"))
+    sd = export_visdet_state_dict(model, meta.get("key_order"), key_dialect)
     extra = {"flaxdet_export": {"config_yaml": dump_yaml(model.cfg)}}
     save_checkpoint(out, sd, classes=classes, meta=extra if str(out).endswith(".pth") else None)
     return Path(out), len(sd)
 
 
-def load_any_model(checkpoint, config=None):
+def load_any_model(checkpoint, config=None, num_classes=None):
     """A flaxdet model dir, or a visdet checkpoint (+ config) converted in memory."""
     p = Path(checkpoint)
     if p.is_dir():
         model, classes, _ = load_model_dir(p)
         return model, classes
     ck = load_checkpoint(p)
-    model = build_detector(_config_for(ck, config))
+    model = build_detector(_config_for(ck, config, num_classes))
     load_visdet_state_dict(model, ck.state_dict)
     return model, ck.classes
 
@@ -80,12 +122,13 @@ def reference_twin(model):
     return ref
 
 
-def run_parity(config, checkpoint, image, against="reference", out_dir="parity_out", scale=(1333, 800),
-               log=print):
-    """Run flaxdet and the PyTorch side on one image; returns (rows, report dict)."""
+def run_parity(config, checkpoint, image, against="reference", out_dir="parity_out", scale=None, log=print,
+               num_classes=None):
+    """Run flaxdet and the PyTorch side on one image; returns (rows, report dict). ``scale``: the test resize
+    (default: the model's, :func:`flaxdet.config.test_scale`)."""
     ck = load_checkpoint(checkpoint)
-    cfg = _config_for(ck, config)
-    img, meta = prepare_test_image(image, scale)
+    cfg = _config_for(ck, config, num_classes, log)
+    img, meta = prepare_test_image(image, scale or test_scale(cfg))
     if against == "visdet":
         theirs = _visdet_stages(cfg, checkpoint, img, meta)
     elif against == "reference":
@@ -162,11 +205,13 @@ def _visdet_stages(cfg, checkpoint, img, meta):
     return {k: (v.cpu().numpy() if hasattr(v, "cpu") else np.asarray(v)) for k, v in stages.items()}
 
 
-def run_infer(checkpoint, images, out_dir, config=None, scale=(1333, 800), score_thr=0.3, batch_size=1,
-              progress=True, log=print, bucket="exact", dtype=None):
+def run_infer(checkpoint, images, out_dir, config=None, scale=None, score_thr=0.3, batch_size=1,
+              progress=True, log=print, bucket="exact", dtype=None, num_classes=None):
     """Detect on image files; write COCO-format results JSON (+ RLE masks) and overlay PNGs.
-    ``dtype``: compute dtype ("bfloat16": mixed precision; see flaxdet.nn.set_compute_dtype)."""
-    model, classes = load_any_model(checkpoint, config)
+    ``dtype``: compute dtype ("bfloat16": mixed precision; see flaxdet.nn.set_compute_dtype); ``scale``: the
+    test resize (default: the model's, :func:`flaxdet.config.test_scale`)."""
+    model, classes = load_any_model(checkpoint, config, num_classes)
+    scale = scale or test_scale(model.cfg)
     det = Detector(model, classes, dtype=dtype)
     out = Path(out_dir)
     (out / "overlays").mkdir(parents=True, exist_ok=True)

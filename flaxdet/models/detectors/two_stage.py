@@ -17,16 +17,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flaxdet.config import TwoStageDetectorCfg
+from flaxdet.models.backbones.cspnext import CSPNeXt
 from flaxdet.models.backbones.resnet import ResNet, ResNeXt
 from flaxdet.models.backbones.swin import SwinTransformer
 from flaxdet.models.data_preprocessors.data_preprocessor import DetDataPreprocessor
 from flaxdet.models.dense_heads.rpn_head import RPNHead
+from flaxdet.models.necks.cspnext_pafpn import CSPNeXtPAFPN
 from flaxdet.models.necks.fpn import FPN
 from flaxdet.models.roi_heads.cascade_roi_head import CascadeRoIHead
 from flaxdet.models.roi_heads.standard_roi_head import StandardRoIHead
 
-BACKBONES = {"ResNet": ResNet, "ResNeXt": ResNeXt, "SwinTransformer": SwinTransformer}
-NECKS = {"FPN": FPN}
+BACKBONES = {"ResNet": ResNet, "ResNeXt": ResNeXt, "SwinTransformer": SwinTransformer, "CSPNeXt": CSPNeXt}
+NECKS = {"FPN": FPN, "CSPNeXtPAFPN": CSPNeXtPAFPN}
 RPN_HEADS = {"RPNHead": RPNHead}
 ROI_HEADS = {"StandardRoIHead": StandardRoIHead, "CascadeRoIHead": CascadeRoIHead}
 

@@ -44,3 +44,24 @@ class ConvModule(nnx.Module):
         if self.norm_name is not None:
             x = getattr(self, self.norm_name)(x)
         return ACTIVATIONS[self.act_type](x) if self.with_activation else x
+
+
+class DepthwiseSeparableConvModule(nnx.Module):
+    """visdet ``cv/cnn/bricks/depthwise_separable_conv_module.py``: a depthwise ConvModule (groups = in
+    channels, same kernel/stride/padding) then a pointwise 1x1 ConvModule. Children ``depthwise`` /
+    ``pointwise`` (visdet's spelling; upstream mmcv's is ``depthwise_conv`` / ``pointwise_conv``)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias="auto",
+                 conv_cfg=None, norm_cfg=None, act_cfg=(("type", "ReLU"),), dw_norm_cfg=None, pw_norm_cfg=None,
+                 dw_act_cfg=None, pw_act_cfg=None, *, rngs: nnx.Rngs):
+        # visdet: a dw_/pw_ cfg left None takes the shared norm_cfg / act_cfg
+        dw_norm_cfg, pw_norm_cfg = (norm_cfg if c is None else c for c in (dw_norm_cfg, pw_norm_cfg))
+        dw_act_cfg, pw_act_cfg = (act_cfg if c is None else c for c in (dw_act_cfg, pw_act_cfg))
+        self.depthwise = ConvModule(in_channels, in_channels, kernel_size, stride, padding, dilation,
+                                    groups=in_channels, bias=bias, conv_cfg=conv_cfg, norm_cfg=dw_norm_cfg,
+                                    act_cfg=dw_act_cfg, rngs=rngs)
+        self.pointwise = ConvModule(in_channels, out_channels, 1, bias=bias, conv_cfg=conv_cfg, norm_cfg=pw_norm_cfg,
+                                    act_cfg=pw_act_cfg, rngs=rngs)
+
+    def __call__(self, x):
+        return self.pointwise(self.depthwise(x))

@@ -56,3 +56,25 @@ class ConvModule(nn.Module):
         if self.with_activation:
             x = self.activate(x)
         return x
+
+
+class DepthwiseSeparableConvModule(nn.Module):
+    """visdet ``cv/cnn/bricks/depthwise_separable_conv_module.py``: a depthwise ConvModule (``groups`` = in
+    channels) then a 1x1 pointwise ConvModule. Parts are named ``depthwise`` / ``pointwise`` (visdet's spelling;
+    upstream mmcv 2.x says ``depthwise_conv`` / ``pointwise_conv``). ``dw_*`` / ``pw_*`` default to the shared
+    ``norm_cfg`` / ``act_cfg``."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias="auto",
+                 conv_cfg=None, norm_cfg=None, act_cfg=(("type", "ReLU"),), dw_norm_cfg=None, pw_norm_cfg=None,
+                 dw_act_cfg=None, pw_act_cfg=None, **kwargs):
+        super().__init__()
+        self.depthwise = ConvModule(in_channels, in_channels, kernel_size, stride, padding, dilation,
+                                    groups=in_channels, bias=bias, conv_cfg=conv_cfg,
+                                    norm_cfg=dw_norm_cfg if dw_norm_cfg is not None else norm_cfg,
+                                    act_cfg=dw_act_cfg if dw_act_cfg is not None else act_cfg, **kwargs)
+        self.pointwise = ConvModule(in_channels, out_channels, 1, bias=bias, conv_cfg=conv_cfg,
+                                    norm_cfg=pw_norm_cfg if pw_norm_cfg is not None else norm_cfg,
+                                    act_cfg=pw_act_cfg if pw_act_cfg is not None else act_cfg, **kwargs)
+
+    def forward(self, x):
+        return self.pointwise(self.depthwise(x))
