@@ -1,25 +1,30 @@
 """Reference model construction and checkpoint loading."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from flaxdet.config import TwoStageDetectorCfg, load_config, parse_model_config
+from flaxdet.config import DetectorCfg, RTMDetCfg, load_config, parse_model_config
 from flaxdet_reference.models.detectors.cascade_rcnn import CascadeRCNN
+from flaxdet_reference.models.detectors.rtmdet import RTMDet
 from flaxdet_reference.models.detectors.two_stage import FasterRCNN, MaskRCNN, TwoStageDetector
 
 DETECTORS = {"TwoStageDetector": TwoStageDetector, "FasterRCNN": FasterRCNN, "MaskRCNN": MaskRCNN,
-             "CascadeRCNN": CascadeRCNN}
+             "CascadeRCNN": CascadeRCNN, "RTMDet": RTMDet}
 
 
-def build_detector(cfg) -> TwoStageDetector:
-    """Build from a config dataclass, a parsed dict, a preset name or a YAML path."""
+def _as_config(cfg) -> DetectorCfg:
     if isinstance(cfg, dict):
-        cfg = parse_model_config(cfg)
-    elif not isinstance(cfg, TwoStageDetectorCfg):
-        cfg = load_config(cfg)
+        return parse_model_config(cfg)
+    return cfg if isinstance(cfg, DetectorCfg) else load_config(cfg)
+
+
+def build_detector(cfg) -> torch.nn.Module:
+    """Build from a config dataclass (two-stage or RTMDet), a parsed dict, a preset name or a YAML path."""
+    cfg = _as_config(cfg)
     if cfg.TYPE not in DETECTORS:
         raise ValueError(f"detector type {cfg.TYPE!r} is not supported (have {sorted(DETECTORS)})")
     return DETECTORS[cfg.TYPE](cfg).eval()
@@ -54,12 +59,19 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source: str
     return model
 
 
-def load_detector(config, checkpoint) -> tuple[TwoStageDetector, list | None]:
+def load_detector(config, checkpoint) -> tuple[torch.nn.Module, list | None]:
     """Build from ``config`` and load ``checkpoint`` (.pth / runner .pth / .safetensors) strictly.
-    Returns (model in eval mode, class names or None)."""
+    Returns (model in eval mode, class names or None). An RTMDet config without ``bbox_head.num_classes``
+    (visdet's presets) takes it from the checkpoint's ``bbox_head.rtm_cls.0.weight``."""
     from flaxdet_converters.checkpoint_io import load_checkpoint
 
     ck = load_checkpoint(checkpoint)
-    model = build_detector(config)
+    cfg = _as_config(config)
+    rtm_cls = ck.state_dict.get("bbox_head.rtm_cls.0.weight")
+    if isinstance(cfg, RTMDetCfg) and cfg.bbox_head is not None and cfg.bbox_head.num_classes is None \
+            and rtm_cls is not None:
+        cfg = dataclasses.replace(cfg, bbox_head=dataclasses.replace(cfg.bbox_head,
+                                                                     num_classes=int(np.shape(rtm_cls)[0])))
+    model = build_detector(cfg)
     load_state_dict_strict(model, ck.state_dict, source=str(Path(checkpoint)))
     return model, ck.classes

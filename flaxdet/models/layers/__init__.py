@@ -7,7 +7,7 @@ from flax import nnx
 from flaxdet.config import NormCfg
 from flaxdet.nn import BatchNorm2d, Conv2d, GroupNorm, relu
 
-ACTIVATIONS = {"ReLU": relu, "SiLU": jax.nn.silu}
+ACTIVATIONS = {"ReLU": relu, "SiLU": jax.nn.silu, "Swish": jax.nn.silu}  # mmcv's Swish is x * sigmoid(x) too
 
 
 def norm_layer(norm_cfg, num_features, rngs):

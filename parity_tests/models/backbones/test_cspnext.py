@@ -20,8 +20,10 @@ from parity_tests.models.common import Holder, nchw_to_nhwc, nhwc_to_nchw
 pytestmark = pytest.mark.goldens
 
 CASES = ("rtmdet/rtmdet_tiny", "rtmdet/rtmdet_ins_tiny")
-PRESETS = "/work/shared/visdet-configs/models"
-TOL = 5e-6  # scale-relative: float32 summation order only (observed <= ~1e-6)
+PRESETS = GOLDENS.parent / "visdet-configs" / "models"  # visdet's own presets, beside the goldens
+# Scale-relative, float32 summation order only. Observed <= 1.03e-5 (C5 of rtmdet_ins_tiny, coco; elsewhere <= 4.5e-6):
+# the golden itself is as far (7.0e-6) from a float64 run of this module -- C5 amplifies float32 rounding.
+TOL = 2e-5
 
 
 def scale_rel(got_nhwc, want_nchw):
@@ -64,7 +66,7 @@ FULL = {"rtmdet_s": (4_378_320, (128, 256, 512)), "rtmdet_l": (26_138_912, (256,
 
 @pytest.mark.parametrize("preset", sorted(FULL))
 def test_cspnext_full_size(preset):
-    cfg = load_config(f"{PRESETS}/{preset}.yaml").backbone
+    cfg = load_config(PRESETS / f"{preset}.yaml").backbone
     module = CSPNeXt(cfg, rngs=nnx.Rngs(0))
     count, widths = FULL[preset]
     assert n_params(module) == count

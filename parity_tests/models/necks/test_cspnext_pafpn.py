@@ -34,7 +34,7 @@ FULL = {"rtmdet_s": (3_883_200, 128, (128, 256, 512)), "rtmdet_l": (23_746_688, 
 
 @pytest.mark.parametrize("preset", sorted(FULL))
 def test_cspnext_pafpn_full_size(preset):
-    cfg = load_config(f"{PRESETS}/{preset}.yaml").neck
+    cfg = load_config(PRESETS / f"{preset}.yaml").neck
     module = CSPNeXtPAFPN(cfg, rngs=nnx.Rngs(0))
     count, out_c, in_c = FULL[preset]
     assert n_params(module) == count

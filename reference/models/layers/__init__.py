@@ -36,8 +36,8 @@ class ConvModule(nn.Module):
             raise ValueError(f"unsupported conv_cfg {dict(conv_cfg)!r}")
         self.with_norm = norm_cfg is not None
         act = dict(act_cfg) if act_cfg is not None else None
-        if act is not None and act.get("type") not in ("ReLU", "SiLU"):
-            raise ValueError(f"unsupported act_cfg {act!r} (supported: ReLU, SiLU)")
+        if act is not None and act.get("type") not in ("ReLU", "SiLU", "Swish"):
+            raise ValueError(f"unsupported act_cfg {act!r} (supported: ReLU, SiLU, Swish)")
         self.with_activation = act is not None
         if bias == "auto":
             bias = not self.with_norm
