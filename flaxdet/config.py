@@ -766,6 +766,31 @@ def test_scale(cfg) -> tuple:
 test_scale.__test__ = False  # not a pytest test, whatever imports it
 
 
+def with_num_classes(cfg, state_dict=None, num_classes=None, source="the checkpoint", log=print):
+    """An RTMDet config with ``bbox_head.num_classes`` set: from ``num_classes`` (``--num-classes``), which must
+    agree with the checkpoint's class layer when there is one, else from that layer's shape
+    (``bbox_head.rtm_cls.0.weight``: (classes, C, k, k)). Two-stage configs carry theirs and pass through."""
+    if is_two_stage(cfg) or getattr(cfg, "bbox_head", None) is None:
+        if num_classes is not None:
+            raise ConfigError("--num-classes applies to RTMDet configs (two-stage configs carry num_classes)")
+        return cfg
+    w = (state_dict or {}).get("bbox_head.rtm_cls.0.weight")
+    shape = tuple(int(s) for s in w.shape) if w is not None else None
+    from_ckpt = shape[0] if shape else None
+    given = num_classes if num_classes is not None else cfg.bbox_head.num_classes
+    if given is not None and from_ckpt is not None and given != from_ckpt:
+        what = "--num-classes" if num_classes is not None else "the config's bbox_head.num_classes"
+        raise ConfigError(f"{what} is {given} but {source} has {from_ckpt} classes (bbox_head.rtm_cls.0.weight "
+                          f"{shape})")
+    n = given if given is not None else from_ckpt
+    if n is None:
+        raise ConfigError("bbox_head.num_classes is not set (visdet's RTMDet presets leave it out): pass "
+                          "--num-classes, or a checkpoint to read it from")
+    if cfg.bbox_head.num_classes is None:
+        how = "--num-classes" if num_classes is not None else "the checkpoint's bbox_head.rtm_cls.0.weight"
+        log(f"num_classes: {n} (from {how})")
+    return dataclasses.replace(cfg, bbox_head=dataclasses.replace(cfg.bbox_head, num_classes=n))
+
 
 # The one explicit table: visdet ``type`` string -> config dataclass.
 TYPE_TABLE: dict[str, type[Cfg]] = {

@@ -2,7 +2,6 @@
 (reference/, an installed visdet) is imported only where used: it is an optional extra."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -13,7 +12,16 @@ import numpy as np
 from tqdm import tqdm
 
 from flaxdet.checkpoint import load_model_dir, save_model_dir
-from flaxdet.config import ConfigError, dump_yaml, is_two_stage, load_config, parse_model_config, test_scale, to_dict
+from flaxdet.config import (
+    ConfigError,
+    dump_yaml,
+    is_two_stage,
+    load_config,
+    parse_model_config,
+    test_scale,
+    to_dict,
+    with_num_classes,
+)
 from flaxdet.data.transforms import ImageError, load_image, prepare_test_image, resize_keep_ratio
 from flaxdet.evaluation import detections_to_coco
 from flaxdet.inference import Detector, make_batch, unpad
@@ -46,31 +54,6 @@ def _config_for(checkpoint, config, num_classes=None, log=print):
         raise ConfigError(f"{checkpoint.path} is a two-stage checkpoint (rpn_head/roi_head keys) but the config is "
                           f"{cfg.TYPE}; pass a two-stage config (e.g. --config mask_rcnn_r50)")
     return with_num_classes(cfg, sd, num_classes, str(checkpoint.path), log)
-
-
-def with_num_classes(cfg, state_dict=None, num_classes=None, source="the checkpoint", log=print):
-    """An RTMDet config with ``bbox_head.num_classes`` set: from ``num_classes`` (``--num-classes``), which must
-    agree with the checkpoint's class layer when there is one, else from that layer's shape
-    (``bbox_head.rtm_cls.0.weight``: (classes, C, k, k)). Two-stage configs carry theirs and pass through."""
-    if is_two_stage(cfg) or getattr(cfg, "bbox_head", None) is None:
-        if num_classes is not None:
-            raise ConfigError("--num-classes applies to RTMDet configs (two-stage configs carry num_classes)")
-        return cfg
-    w = (state_dict or {}).get("bbox_head.rtm_cls.0.weight")
-    from_ckpt = int(np.shape(w)[0]) if w is not None else None
-    given = num_classes if num_classes is not None else cfg.bbox_head.num_classes
-    if given is not None and from_ckpt is not None and given != from_ckpt:
-        what = "--num-classes" if num_classes is not None else "the config's bbox_head.num_classes"
-        raise ConfigError(f"{what} is {given} but {source} has {from_ckpt} classes (bbox_head.rtm_cls.0.weight "
-                          f"{tuple(np.shape(w))})")
-    n = given if given is not None else from_ckpt
-    if n is None:
-        raise ConfigError("bbox_head.num_classes is not set (visdet's RTMDet presets leave it out): pass "
-                          "--num-classes, or a checkpoint to read it from")
-    if cfg.bbox_head.num_classes is None:
-        how = "--num-classes" if num_classes is not None else "the checkpoint's bbox_head.rtm_cls.0.weight"
-        log(f"num_classes: {n} (from {how})")
-    return dataclasses.replace(cfg, bbox_head=dataclasses.replace(cfg.bbox_head, num_classes=n))
 
 
 def convert_checkpoint(ckpt_path, config=None, out=None, fmt="orbax", strict=True, key_dialect="visdet",

@@ -1,13 +1,12 @@
 """Reference model construction and checkpoint loading."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from flaxdet.config import DetectorCfg, RTMDetCfg, load_config, parse_model_config
+from flaxdet.config import DetectorCfg, load_config, parse_model_config, with_num_classes
 from flaxdet_reference.models.detectors.cascade_rcnn import CascadeRCNN
 from flaxdet_reference.models.detectors.rtmdet import RTMDet
 from flaxdet_reference.models.detectors.two_stage import FasterRCNN, MaskRCNN, TwoStageDetector
@@ -66,12 +65,7 @@ def load_detector(config, checkpoint) -> tuple[torch.nn.Module, list | None]:
     from flaxdet_converters.checkpoint_io import load_checkpoint
 
     ck = load_checkpoint(checkpoint)
-    cfg = _as_config(config)
-    rtm_cls = ck.state_dict.get("bbox_head.rtm_cls.0.weight")
-    if isinstance(cfg, RTMDetCfg) and cfg.bbox_head is not None and cfg.bbox_head.num_classes is None \
-            and rtm_cls is not None:
-        cfg = dataclasses.replace(cfg, bbox_head=dataclasses.replace(cfg.bbox_head,
-                                                                     num_classes=int(np.shape(rtm_cls)[0])))
+    cfg = with_num_classes(_as_config(config), ck.state_dict, source=str(checkpoint), log=lambda *_: None)
     model = build_detector(cfg)
     load_state_dict_strict(model, ck.state_dict, source=str(Path(checkpoint)))
     return model, ck.classes

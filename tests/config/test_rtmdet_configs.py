@@ -17,8 +17,9 @@ from flaxdet.config import (
     load_config,
     read_yaml_with_bases,
     test_scale,
+    with_num_classes,
 )
-from flaxdet.tools import _config_for, with_num_classes
+from flaxdet.tools import _config_for
 from parity_tests.goldens import GOLDENS
 
 VISDET = GOLDENS.parent / "visdet-configs" / "models"
