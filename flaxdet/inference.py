@@ -157,8 +157,8 @@ class Detector:
             lowered.compile()
             tr, co = tr + t1 - t, co + time.perf_counter() - t1
 
-        if not self.model.roi_head.with_mask:
-            aot(Detector._predict, *args, None, rescale, False)
+        if not _mask_jit_split(self.model):
+            aot(Detector._predict, *args, batch.canvas_hw if _has_masks(self.model) else None, rescale, False)
         else:
             aot(Detector._predict_boxes, *args, rescale)
             dets, neck = self._predict_boxes(*args, rescale)
@@ -174,8 +174,8 @@ class Detector:
         (the mask branch picks its bucket in a ``lax.switch``)."""
         images, shapes, sfs = (jnp.asarray(batch.images), jnp.asarray(batch.img_shapes),
                                jnp.asarray(batch.scale_factors))
-        if not self.model.roi_head.with_mask or with_stages:
-            canvas = batch.canvas_hw if self.model.roi_head.with_mask else None
+        if not _mask_jit_split(self.model) or with_stages:
+            canvas = batch.canvas_hw if _has_masks(self.model) else None
             return self._predict(self.state, images, shapes, sfs, canvas, rescale, with_stages)
         dets, neck = self._predict_boxes(self.state, images, shapes, sfs, rescale)
         return self._predict_masks(self.state, neck, dets, sfs, batch.canvas_hw, rescale, _mask_rows(dets))
@@ -187,6 +187,18 @@ class Detector:
         batch = make_batch(images, metas, div)
         dets = jax.device_get(self.predict_batch(batch, rescale))
         return unpad(dets, batch)
+
+
+def _has_masks(model) -> bool:
+    """The model predicts masks: a two-stage model's RoI mask branch, a one-stage model's mask head."""
+    head = getattr(model, "roi_head", None)
+    return head.with_mask if head is not None else bool(getattr(model, "with_mask", False))
+
+
+def _mask_jit_split(model) -> bool:
+    """Mask R-CNN style: boxes in one jit, the RoI mask branch on a row bucket in a second (one-stage mask heads
+    predict their masks in the one jit)."""
+    return getattr(model, "roi_head", None) is not None and model.roi_head.with_mask
 
 
 def _mask_rows(dets):

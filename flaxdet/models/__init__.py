@@ -5,10 +5,11 @@ from flax import nnx
 
 from flaxdet.config import ConfigError, TwoStageDetectorCfg
 from flaxdet.models.detectors.cascade_rcnn import CascadeRCNN
+from flaxdet.models.detectors.rtmdet import RTMDet
 from flaxdet.models.detectors.two_stage import FasterRCNN, MaskRCNN, TwoStageDetector
 
 DETECTORS = {"TwoStageDetector": TwoStageDetector, "FasterRCNN": FasterRCNN, "MaskRCNN": MaskRCNN,
-             "CascadeRCNN": CascadeRCNN}
+             "CascadeRCNN": CascadeRCNN, "RTMDet": RTMDet}
 
 
 def build_detector(cfg: TwoStageDetectorCfg, seed: int = 0) -> TwoStageDetector:
