@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | cksum | cut -d
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_WORKERS ?= 2
 
-.PHONY: install demo test test-slow test-all lint bench bench-quick clean
+.PHONY: install demo test test-slow test-all lint bench bench-quick bench-rtmdet clean
 
 $(STAMP):
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.10-3.12)"; exit 1; }
@@ -47,3 +47,8 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/run_all.py --quick
+
+# RTMDet-tiny/-s/-l and RTMDet-Ins-s at 640x640: PyTorch eager, ONNX Runtime (the `bench` extra) and flaxdet.
+bench-rtmdet: $(STAMP)
+	$(PY) -m pip install -q -e '.[torch,dev,bench]'
+	$(PY) benchmarks/bench_rtmdet.py

@@ -839,6 +839,8 @@ _NORM = ((lambda v, _: v is None or (v.get("type") == "GN" and v.get("requires_g
          "visdet trains neck/head BN on batch statistics and freezes requires_grad: false norms; flaxdet keeps BN "
          "on running statistics and trains every norm outside the backbone")
 _CP = _is(False), "visdet: gradient checkpointing, to save training memory"
+_ACT = ((lambda v, _: v is not None and v.get("type") in ("SiLU", "Swish", "ReLU"), "SiLU, Swish or ReLU"),
+        "visdet: another activation")
 _MEAN = _is("mean"), "visdet: an unreduced or summed loss"
 
 UNHONOURED = (
@@ -881,6 +883,12 @@ UNHONOURED = (
     (RPNTrainCfg, "sampler.add_gt_as_proposals", _is(False), "visdet: GT boxes join the RPN's sampled anchors"),
     (NMSCfg, "type", _is("nms"), "visdet: soft-NMS or another suppression"),
     (NMSCfg, "class_agnostic", _is(False), "visdet: one NMS over all classes"),
+    (CSPNeXtCfg, "conv_cfg", *_CONV),
+    (CSPNeXtPAFPNCfg, "conv_cfg", *_CONV),
+    (RTMDetSepBNHeadCfg, "conv_cfg", *_CONV),
+    (CSPNeXtCfg, "act_cfg", *_ACT),
+    (CSPNeXtPAFPNCfg, "act_cfg", *_ACT),
+    (RTMDetSepBNHeadCfg, "act_cfg", *_ACT),
     (DetDataPreprocessorCfg, "pad_size_divisor", _is(32),
      "visdet pads to this divisor; flaxdet's train loader pads to multiples of 32 (the anchors' valid flags)"),
     (DetDataPreprocessorCfg, "mask_pad_value", _is(0), "visdet pads GT masks with it; flaxdet with 0"),
@@ -918,6 +926,9 @@ def _check_honoured(cfg: Cfg, path: str, source: str, training: bool = False) ->
 def check_trainable(cfg, source: str = "the model's config") -> None:
     """Raise a ConfigError naming the first field of ``cfg`` (a parsed model config) that flaxdet's training
     does not honour (``TRAIN_ONLY`` entries of ``UNHONOURED``); called when training is set up."""
+    if not is_two_stage(cfg):
+        raise ConfigError(f"{source}: flaxdet does not train {cfg.TYPE} models yet (conversion, parity and "
+                          "inference work; fine-tuning is the two-stage family's for now)")
 
     def walk(c, path):
         _check_honoured(c, path, source, training=True)

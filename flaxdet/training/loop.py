@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from flaxdet.checkpoint import load_model_dir, save_model_dir
-from flaxdet.config import final_bbox_head
+from flaxdet.config import check_trainable, final_bbox_head
 from flaxdet.data.coco import CocoDataset, TrainLoader
 from flaxdet.models import build_detector
 from flaxdet.training.optimizers import make_optimizer
@@ -125,6 +125,7 @@ def train(cfg: TrainConfig, *, progress=True, plot=True, log=print, stop_after=N
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, _, _ = load_model_dir(cfg.checkpoint)
+    check_trainable(model.cfg, f"{cfg.checkpoint}/config.yaml")
     ds = CocoDataset(cfg.ann_file, cfg.img_dir)
     model = adapt_num_classes(model, ds.classes, log)
     with_masks = model.roi_head.with_mask

@@ -13,6 +13,7 @@ from flaxdet.config import (
     ConfigError,
     RTMDetCfg,
     RTMDetInsSepBNHeadCfg,
+    check_trainable,
     list_presets,
     load_config,
     read_yaml_with_bases,
@@ -105,3 +106,8 @@ def test_family_mismatch_is_one_clear_error():
     two = _ckpt({"rpn_head.rpn_conv.weight": np.zeros((1,)), "roi_head.bbox_head.fc_cls.weight": np.zeros((1,))})
     with pytest.raises(ConfigError, match="is a two-stage checkpoint .* config is RTMDet"):
         _config_for(two, "rtmdet_s")
+
+
+def test_training_rtmdet_is_one_clear_error():
+    with pytest.raises(ConfigError, match="does not train RTMDet models yet"):
+        check_trainable(load_config("rtmdet_tiny"))
