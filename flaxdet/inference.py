@@ -75,7 +75,7 @@ class Detections:
 
 
 class Detector:
-    """A flaxdet two-stage detector with a jit cache per shape bucket.
+    """A flaxdet detector (two-stage or RTMDet) with a jit cache per shape bucket.
 
     ``det(image)`` runs visdet's test pipeline on an image path or an (H, W, 3) uint8 BGR array (OpenCV
     decode, keep-ratio resize to ``scale``, the model) and returns :class:`Detections`; ``det([...])`` a
