@@ -19,7 +19,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-from flaxdet.config import final_bbox_head, test_scale
+from flaxdet.config import final_bbox_head, is_two_stage, test_scale
 from flaxdet.data.coco import CocoDataset, DatasetError
 from flaxdet.data.transforms import load_image, resize_keep_ratio
 from flaxdet.inference import Detector
@@ -43,6 +43,12 @@ def _predict_fn(model, backend, classes, bucket="exact"):
     raise ValueError(f"backend must be flaxdet or reference, got {backend!r}")
 
 
+def num_classes_of(cfg) -> int:
+    """The class count a detector predicts: the (last) RoI bbox head's for two-stage models, the dense head's
+    (``bbox_head.num_classes``) for one-stage (RTMDet) models."""
+    return final_bbox_head(cfg.roi_head).num_classes if is_two_stage(cfg) else cfg.bbox_head.num_classes
+
+
 def detections_to_coco(det, image_id, cat_ids):
     out = []
     for i in range(len(det["scores"])):
@@ -63,7 +69,7 @@ def evaluate(model, ann_file, img_dir=None, scale=None, backend="flaxdet", out_j
     scale = scale or test_scale(model.cfg)
     ds = CocoDataset(ann_file, img_dir)
 
-    n_model = final_bbox_head(model.cfg.roi_head).num_classes
+    n_model = num_classes_of(model.cfg)
     if n_model != len(ds.classes):
         raise DatasetError(f"the model predicts {n_model} classes but {ann_file} has {len(ds.classes)} "
                            f"categories ({ds.classes}); evaluate a model fine-tuned on this label set")

@@ -108,10 +108,14 @@ def reference_twin(model):
 def run_parity(config, checkpoint, image, against="reference", out_dir="parity_out", scale=None, log=print,
                num_classes=None):
     """Run flaxdet and the PyTorch side on one image; returns (rows, report dict). ``scale``: the test resize
-    (default: the model's, :func:`flaxdet.config.test_scale`)."""
+    (default: the model's, :func:`flaxdet.config.test_scale`). Two-stage models compare every stage through the
+    RoI heads; one-stage (RTMDet) models the preprocessed input, backbone, neck, dense head outputs and
+    detections (RTMDet-Ins: masks and the first detections' mask logits), see :mod:`flaxdet.parity.harness`."""
     ck = load_checkpoint(checkpoint)
     cfg = _config_for(ck, config, num_classes, log)
     img, meta = prepare_test_image(image, scale or test_scale(cfg))
+    model = build_detector(cfg)  # first: a checkpoint that does not fit the config is a ConversionError here
+    load_visdet_state_dict(model, ck.state_dict)
     if against == "visdet":
         theirs = _visdet_stages(cfg, checkpoint, img, meta)
     elif against == "reference":
@@ -127,8 +131,6 @@ def run_parity(config, checkpoint, image, against="reference", out_dir="parity_o
         theirs = torch_stages(stages)
     else:
         raise ValueError(f"--against must be 'reference' or 'visdet', got {against!r}")
-    model = build_detector(cfg)
-    load_visdet_state_dict(model, ck.state_dict)
     det = Detector(model, ck.classes)
     batch = make_batch([img], [meta], cfg.data_preprocessor.pad_size_divisor)
     dets, stages = det.predict_batch(batch, with_stages=True)

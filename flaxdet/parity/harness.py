@@ -4,7 +4,9 @@ Both sides are reduced to one "stage dict" in visdet's conventions (numpy, NCHW,
 batch, padding removed): ``preprocessed``, ``backbone.i``, ``neck.i``, ``rpn_head.cls_score.l`` /
 ``bbox_pred.l``, ``proposals.{bboxes,scores}``, ``bbox_roi_extractor``, ``bbox_head.{cls_score,bbox_pred}``,
 ``mask_roi_extractor``, ``mask_head.mask_preds``, ``det.{bboxes,scores,labels,masks}`` -- the keys of the
-visdet goldens (whose ``*.first128``/``*.first32`` arrays hold the leading rows).
+visdet goldens (whose ``*.first128``/``*.first32`` arrays hold the leading rows). One-stage (RTMDet) models have
+no proposals or RoI stages; their dense head outputs are ``cls_scores.l``, ``bbox_preds.l``, ``kernel_preds.l``,
+``mask_feats`` and RTMDet-Ins adds ``det.mask_logits_first16`` (the first 16 detections' mask logits).
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import numpy as np
 
 from flaxdet.parity import MASK_PIXELS_PER_IMAGE, TOLERANCES, Row, compare_array, compare_detections, tolerance_for
 
-DENSE_PREFIXES = ("preprocessed", "backbone.", "neck.", "rpn_head.")
+RTMDET_HEAD_PREFIXES = ("cls_scores.", "bbox_preds.", "kernel_preds.", "mask_feats")
+DENSE_PREFIXES = ("preprocessed", "backbone.", "neck.", "rpn_head.", *RTMDET_HEAD_PREFIXES)
 # Cascade R-CNN stages after the first: one row per proposal / per detection, like the stage-0 keys
 CASCADE_PROPOSAL_ROWS = ("cascade.rois.", "cascade.bbox_roi_extractor.", "cascade.bbox_head.", "cascade.cls_score")
 CASCADE_DET_ROWS = ("cascade.mask_head.", "cascade.mask_probs")
@@ -36,6 +39,8 @@ def flaxdet_stages(stages: dict, dets_unpadded: dict | None = None) -> dict:
             p = stages["proposals.valid"].shape[1] if pv is not None else a.shape[0]
             a = a[:p][pv] if pv is not None else a
             out[k] = a.transpose(0, 3, 1, 2) if a.ndim == 4 else a
+        elif k == "det.mask_logits":  # RTMDet-Ins: (N, D, h, w), rows as the detections; reference/ keeps 16
+            out["det.mask_logits_first16"] = a[0][np.asarray(stages["det.valid"][0])][:16]
         elif k in ("mask_roi_extractor", "mask_head.mask_preds") or k.startswith(CASCADE_DET_ROWS):
             dv = np.asarray(stages["det.valid"][0])
             a = a[: dv.shape[0]][dv]
@@ -128,7 +133,10 @@ def compare_stages(ours: dict, theirs: dict, teacher_forced: bool = False, bbox_
     rows = []
     for k in sorted((k for k in theirs if k.startswith(DENSE_PREFIXES)), key=_stage_order):
         if k in ours:
-            rows.append(compare_array(k, ours[k], theirs[k]))
+            tol = None  # the table's row for the stage's prefix
+            if k.startswith(RTMDET_HEAD_PREFIXES):
+                tol = TOLERANCES["rtmdet_head" if teacher_forced else "e2e.rtmdet_head"]
+            rows.append(compare_array(k, ours[k], theirs[k], tol))
     box_px = TOLERANCES["e2e.det.bboxes_px"].rtol
     score_tol = TOLERANCES["e2e.det.scores"].rtol
     if "proposals.bboxes" in theirs and "proposals.bboxes" in ours:
@@ -171,6 +179,14 @@ def compare_stages(ours: dict, theirs: dict, teacher_forced: bool = False, bbox_
             m, g = dsame[: len(t)], dgrid[: len(t)]
             tol = tolerance_for(k) if teacher_forced else TOLERANCES["e2e.features"]
             rows.append(_with_note(compare_array(k, o[g], t[g], tol), m, g))
+        if "det.mask_logits_first16" in theirs and "det.mask_logits_first16" in ours:
+            k, t, o = "det.mask_logits_first16", theirs["det.mask_logits_first16"], ours["det.mask_logits_first16"]
+            tol = TOLERANCES["rtmdet.mask_logits" if teacher_forced else "e2e.rtmdet_head"]
+            if len(o) != len(t):
+                rows.append(Row(k, t.shape, float("inf"), float("inf"), tol.rtol, False, f"{len(o)} rows vs {len(t)}"))
+            else:  # RTMDet-Ins: the dynamic convs of the detections both sides kept in the same row
+                m = dsame[: len(t)]
+                rows.append(_with_note(compare_array(k, o[m], t[m], tol), m))
     return rows
 
 
@@ -227,8 +243,11 @@ def _with_note(row: Row, mask, grid=None) -> Row:
 
 
 def geometry_of(model_cfg):
-    """(bbox, mask) :class:`RoIGeometry` of a two-stage config (mask None without a mask branch)."""
-    rh = model_cfg.roi_head
+    """(bbox, mask) :class:`RoIGeometry` of a two-stage config (mask None without a mask branch); (None, None)
+    for a one-stage (RTMDet) config, which has no RoIAlign."""
+    rh = getattr(model_cfg, "roi_head", None)
+    if rh is None:
+        return None, None
     first = lambda c: c[0] if isinstance(c, tuple) else c  # noqa: E731  (Cascade: per-stage tuples)
     mask_ext = rh.mask_roi_extractor if rh.mask_roi_extractor is not None else rh.bbox_roi_extractor
     mask = RoIGeometry.from_extractor_cfg(first(mask_ext)) if rh.mask_head is not None else None
@@ -236,6 +255,7 @@ def geometry_of(model_cfg):
 
 
 def _stage_order(k):
-    order = {"preprocessed": 0, "backbone": 1, "neck": 2, "rpn_head": 3}
+    order = {"preprocessed": 0, "backbone": 1, "neck": 2, "rpn_head": 3, "mask_feats": 3, "cls_scores": 4,
+             "bbox_preds": 5, "kernel_preds": 6}
     parts = k.split(".")
     return (order.get(parts[0], 9), parts[1] if len(parts) > 2 else "", int(parts[-1]) if parts[-1].isdigit() else 0)
