@@ -15,6 +15,8 @@ import tempfile
 import pytest
 
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="flaxdet-test-xla-"))
+# cache every compile, also the many sub-second ones of a model's random init, which each CLI run repeats
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 from parity_tests import goldens  # noqa: E402  (after the environment above; imports no JAX)
 

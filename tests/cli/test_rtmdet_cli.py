@@ -3,20 +3,16 @@ presets``, ``convert`` (raw state dict + YAML, runner checkpoint + preset-style 
 checkpoint), ``export`` (bit-identical round trip), ``parity`` against reference/, ``infer`` (the same detections as
 the Python API and as reference/ on the same resized image), ``eval`` and the bad-input errors.
 
-Each command is a subprocess on real files. The conversions are module fixtures shared by the tests. Besides the
-session's XLA cache directory (conftest.py), the subprocesses cache every compilation
-(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0): building a model compiles ~50 small random-init programs of
-~0.2 s each, below JAX's default 1 s threshold, in every process otherwise.
+Each command is a subprocess on real files. The conversions are module fixtures shared by the tests; the session's
+XLA cache (conftest.py) keeps every compilation, also the ~50 small random-init programs building a model compiles.
 """
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import cv2
-import jax
 import numpy as np
 import pytest
 import torch
@@ -34,13 +30,12 @@ pytestmark = pytest.mark.goldens
 
 CASES = ("rtmdet_tiny", "rtmdet_ins_tiny")  # 5 and 4 classes
 PRESETS = [f"rtmdet_{ins}{size}" for ins in ("", "ins_") for size in ("tiny", "s", "m", "l", "x")]
-ENV = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _cli(*args, rc=0):
     r = subprocess.run([sys.executable, "-m", "flaxdet.cli", *map(str, args)], capture_output=True, text=True,
-                       timeout=600, env=ENV)
+                       timeout=600)
     assert r.returncode == rc, f"flaxdet {args[0]} exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r
 
@@ -53,15 +48,6 @@ def _one_error_line(r, command):
 
 def golden(case, name):
     return GOLDENS / "rtmdet" / case / name
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cache_small_compiles():
-    """The in-process API runs below: as ENV does for the subprocesses."""
-    old = jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    yield
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old)
 
 
 @pytest.fixture(scope="module")
