@@ -5,21 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flaxdet_reference.models.backbones.cspnext import CSPNeXt
 from flaxdet_reference.models.data_preprocessors.data_preprocessor import DetDataPreprocessor
 from flaxdet_reference.models.dense_heads.rtmdet_head import RTMDetSepBNHead
 from flaxdet_reference.models.dense_heads.rtmdet_ins_head import RTMDetInsSepBNHead
-from flaxdet_reference.models.necks.cspnext_pafpn import CSPNeXtPAFPN
+from flaxdet_reference.models.detectors.two_stage import BACKBONES, NECKS, _build
 
-BACKBONES = {"CSPNeXt": CSPNeXt}
-NECKS = {"CSPNeXtPAFPN": CSPNeXtPAFPN}
 HEADS = {"RTMDetSepBNHead": RTMDetSepBNHead, "RTMDetInsSepBNHead": RTMDetInsSepBNHead}
-
-
-def _build(table, cfg, what):
-    if cfg.TYPE not in table:
-        raise ValueError(f"{what} type {cfg.TYPE!r} is not supported by the reference (have {sorted(table)})")
-    return table[cfg.TYPE](cfg)
 
 
 class SingleStageDetector(nn.Module):

@@ -9,16 +9,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from flaxdet.config import TwoStageDetectorCfg
+from flaxdet_reference.models.backbones.cspnext import CSPNeXt
 from flaxdet_reference.models.backbones.resnet import ResNet, ResNeXt
 from flaxdet_reference.models.backbones.swin import SwinTransformer
 from flaxdet_reference.models.data_preprocessors.data_preprocessor import DetDataPreprocessor
 from flaxdet_reference.models.dense_heads.rpn_head import RPNHead
+from flaxdet_reference.models.necks.cspnext_pafpn import CSPNeXtPAFPN
 from flaxdet_reference.models.necks.fpn import FPN
 from flaxdet_reference.models.roi_heads.cascade_roi_head import CascadeRoIHead
 from flaxdet_reference.models.roi_heads.standard_roi_head import StandardRoIHead
 
-BACKBONES = {"ResNet": ResNet, "ResNeXt": ResNeXt, "SwinTransformer": SwinTransformer}
-NECKS = {"FPN": FPN}
+BACKBONES = {"ResNet": ResNet, "ResNeXt": ResNeXt, "SwinTransformer": SwinTransformer, "CSPNeXt": CSPNeXt}
+NECKS = {"FPN": FPN, "CSPNeXtPAFPN": CSPNeXtPAFPN}
 RPN_HEADS = {"RPNHead": RPNHead}
 ROI_HEADS = {"StandardRoIHead": StandardRoIHead, "CascadeRoIHead": CascadeRoIHead}
 
