@@ -152,6 +152,15 @@ def match_ranked(ours_scores, theirs_scores, rows_equal: np.ndarray, tie_eps: fl
     return bad.size == 0, int(flips.size), [int(i) for i in bad]
 
 
+def _has_counterpart(box, score, label, boxes, scores, labels, box_atol, tie):
+    """A row (box, score, label) equal, within tolerance, to some row of the other side -- or tied in score with
+    the other side's last row (the cut-off: a near-tie there decides which of the two is kept)."""
+    same = (np.abs(boxes - box).max(axis=1) <= box_atol) & (np.abs(scores - score) <= tie)
+    if labels is not None:
+        same &= np.asarray(labels) == label
+    return bool(same.any()) or (len(scores) > 0 and abs(score - scores[-1]) <= tie)
+
+
 def compare_detections(stage: str, ours: dict, theirs: dict, box_atol: float, score_atol: float,
                        mask_pixels: int | None = None) -> list[Row]:
     """Compare bboxes/scores/labels[/masks] of one image (rows sorted by score)."""
@@ -167,8 +176,16 @@ def compare_detections(stage: str, ours: dict, theirs: dict, box_atol: float, sc
     rows_equal = (box_err <= box_atol) & (score_err <= score_atol)
     if ol is not None:
         rows_equal &= np.asarray(ol) == np.asarray(tl)
-    # two candidates whose scores agree within the score tolerance may legitimately swap ranks
-    ok, flips, bad = match_ranked(os_, ts, rows_equal, tie_eps=max(TIE_EPS, score_atol))
+    # two candidates whose scores agree within the score tolerance may legitimately swap ranks -- but a swapped
+    # row must exist on the other side (a reordering), or tie at the cut-off with the other side's last row
+    tie = max(TIE_EPS, score_atol)
+    ok, flips, bad = match_ranked(os_, ts, rows_equal, tie_eps=tie)
+    flipped = np.where(~rows_equal)[0]
+    lost = [int(i) for i in flipped if int(i) not in bad
+            and not (_has_counterpart(ob[i], os_[i], None if ol is None else ol[i], tb, ts, tl, box_atol, tie)
+                     and _has_counterpart(tb[i], ts[i], None if tl is None else tl[i], ob, os_, ol, box_atol, tie))]
+    if lost:
+        ok, flips, bad = False, flips - len(lost), sorted(bad + lost)
     eq = rows_equal
     out = [
         Row(f"{stage}.order", (n,), float(len(bad)), 0.0, 0.0, ok,
