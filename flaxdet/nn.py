@@ -76,6 +76,9 @@ def conv2d(x, w, stride, padding, dilation, groups, precision, out_dtype):
     if (w.shape[:2] == (1, 1) and groups == 1 and padding == (0, 0)
             and fast_paths.enabled("conv1x1_matmul")):
         return fast_conv.conv1x1(x, w, stride, precision, out_dtype)
+    if (groups > 1 and groups == x.shape[-1] == w.shape[-1] and w.shape[2] == 1
+            and fast_paths.enabled("depthwise_taps")):
+        return fast_conv.depthwise_taps(x, w, stride, padding, dilation, precision, out_dtype)
     if fast_paths.enabled("conv_vjp") and fast_conv.wants_custom_vjp(w, stride, dilation, groups):
         return fast_conv.conv_vjp(x, w, stride, padding, dilation, groups, precision, out_dtype)
     return plain_conv2d(x, w, stride, padding, dilation, groups, precision, out_dtype)

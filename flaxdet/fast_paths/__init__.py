@@ -12,6 +12,8 @@ name                what (module)                                               
                     gradients as shifted matmuls, strided input gradients by
                     phases, stride-1 input gradients as a flipped-kernel conv
 ``conv1x1_matmul``  unpadded 1x1 convolutions as one matmul (:mod:`.conv`)      on      off
+``depthwise_taps``  depthwise convolutions (RTMDet's 5x5) as shifted             on      off
+                    multiply-adds (:mod:`.conv`)
 ``roi_align_tiers`` RoIAlign contracted on small crop tiers, RoIs sorted and    on      off
                     chunked by crop size, big RoIs redone in a loop
                     (:mod:`.roi_align_tiers`); plain: every RoI over its whole
@@ -35,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-NAMES = ("conv_vjp", "conv1x1_matmul", "roi_align_tiers", "mask_row_buckets")
+NAMES = ("conv_vjp", "conv1x1_matmul", "depthwise_taps", "roi_align_tiers", "mask_row_buckets")
 DEFAULTS = {"cpu": frozenset(NAMES), "gpu": frozenset(), "cuda": frozenset(), "rocm": frozenset(),
             "tpu": frozenset()}
 ENV = "FLAXDET_FAST_PATHS"

@@ -129,3 +129,24 @@ def conv1x1(x, w, stride, precision, out_dtype):
     n, h, wd, c = x.shape
     y = jnp.matmul(x.reshape(n * h * wd, c), w.reshape(c, -1), precision=precision, preferred_element_type=out_dtype)
     return y.reshape(n, h, wd, -1)
+
+
+def depthwise_taps(x, w, stride, padding, dilation, precision, out_dtype):
+    """Fast path ``depthwise_taps``: a depthwise convolution (groups = channels, one filter per channel: RTMDet's
+    5x5 CSPNeXt blocks) as kh * kw shifted multiply-adds, which XLA fuses into one loop; XLA:CPU's grouped
+    convolution runs these several times slower. Same sums in another order (float32 rounding)."""
+    kh, kw = w.shape[:2]
+    n, h, wd, c = x.shape
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    xp = jnp.pad(x, ((0, 0), (padding[0],) * 2, (padding[1],) * 2, (0, 0)))
+    dt = jnp.dtype(out_dtype) if out_dtype is not None else x.dtype
+    y = None
+    for a in range(kh):
+        for b in range(kw):
+            r0, c0 = a * dilation[0], b * dilation[1]
+            xs = jax.lax.slice(xp, (0, r0, c0, 0), (n, r0 + (ho - 1) * stride[0] + 1, c0 + (wo - 1) * stride[1] + 1, c),
+                               (1, *stride, 1))
+            term = xs.astype(dt) * w[a, b, 0].astype(dt)
+            y = term if y is None else y + term
+    return y

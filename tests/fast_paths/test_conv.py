@@ -123,3 +123,22 @@ def test_switch_parsing(monkeypatch):
         assert not fast_paths.enabled("conv_vjp")
     monkeypatch.setenv(fast_paths.ENV, "conv1x1_matmul")
     assert fast_paths._from_env() == {"conv1x1_matmul"}
+
+
+@pytest.mark.parametrize("k,s,p", [(5, 1, 2), (3, 2, 1), (5, 2, 2)])
+def test_depthwise_taps_equal_plain(k, s, p):
+    """The ``depthwise_taps`` fast path (RTMDet's depthwise 5x5) against XLA's grouped convolution, float64,
+    values and gradients, through ``nn.conv2d``."""
+    rng = np.random.default_rng(3)
+    args = ((s, s), (p, p), (1, 1), 12, HI, None)
+    out = {}
+    with jax.enable_x64():
+        x = jnp.asarray(rng.standard_normal((2, 13, 11, 12)))
+        w = jnp.asarray(rng.standard_normal((k, k, 1, 12)))
+        for spec in ("all", "none"):
+            with fast_paths.use(spec):
+                out[spec] = (jax.jit(lambda x, w: nn.conv2d(x, w, *args))(x, w), *_grads(nn.conv2d, x, w, args))
+                grouped = "feature_group_count=12" in str(jax.make_jaxpr(lambda x, w: nn.conv2d(x, w, *args))(x, w))
+                assert grouped == (spec == "none")
+    for a, b in zip(out["all"], out["none"]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
