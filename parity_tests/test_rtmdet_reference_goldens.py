@@ -8,7 +8,7 @@ Two regimes, as test_reference_goldens.py:
   decisions (top-k, candidates, NMS keeps, detections) must be identical: no tie flips allowed;
 * end to end -- the uint8 image in, every stage compared; near-tied candidates may swap ranks (tie flips are
   counted, see flaxdet.parity.match_ranked).
-Float stages not in flaxdet.parity.TOLERANCES (the RTMDet head outputs) use the Tol values below.
+The RTMDet head outputs use the table's ``rtmdet_head`` (teacher-forced) and ``e2e.rtmdet_head`` rows.
 """
 from __future__ import annotations
 
@@ -35,29 +35,12 @@ from flaxdet_converters.checkpoint_io import load_checkpoint
 from flaxdet_reference import build_detector, load_detector
 from flaxdet_reference.models import load_state_dict_strict
 from parity_tests.goldens import IMAGES, WEIGHT_FILES, config_path, golden_image
+from parity_tests.test_reference_goldens import model_for, t
 
 pytestmark = pytest.mark.goldens
 
 CASES = ("rtmdet/rtmdet_tiny", "rtmdet/rtmdet_ins_tiny")
-# fmt: off
-HEAD = Tol(1e-5, "RTMDet head on recorded neck features: 2 stacked 3x3 ConvModules + a 1x1 per branch "
-                 "(MaskFeatModule: 1x1, 4 x 3x3, 1x1; dynamic 1x1 convs for the mask logits); 0 observed (bit-"
-                 "identical to visdet on the recording's torch), headroom for other oneDNN kernels")
-HEAD_E2E = Tol(5e-5, "head outputs end to end: inherit the backbone/neck error (as the table's rpn_head); 0 observed")
-# fmt: on
-_MODELS = {}
-
-
-def model_for(case):
-    if case not in _MODELS:
-        m = build_detector(config_path(case))
-        load_state_dict_strict(m, load_checkpoint(config_path(case).parent / "state_dict.pth").state_dict)
-        _MODELS[case] = m
-    return _MODELS[case]
-
-
-def t(x):
-    return torch.from_numpy(np.ascontiguousarray(x))
+HEAD, HEAD_E2E = TOLERANCES["rtmdet_head"], TOLERANCES["e2e.rtmdet_head"]  # the one table's RTMDet rows
 
 
 def a(x):
