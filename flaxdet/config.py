@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import reprlib
 import types
 import typing
 from collections.abc import Mapping
@@ -300,6 +301,10 @@ class ResNetCfg(BackboneCfg):
     zero_init_residual: bool = True
     pretrained: Optional[str] = None
     init_cfg: Optional[FrozenMap] = None
+
+    def __post_init__(self):  # visdet's ResNet.arch_settings
+        if self.depth not in (18, 34, 50, 101, 152):
+            raise ConfigError(f"{self.TYPE}: depth must be 18, 34, 50, 101 or 152, got {self.depth}")
 
 
 @dataclass(frozen=True)
@@ -955,12 +960,70 @@ def _options(ann) -> list:
     return [ann]
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxlevel = 60, 60, 4, 4, 4, 2
+
+
+def short_repr(value: Any, limit: int = 120) -> str:
+    """A value for an error message: never the whole of a big (or alias-expanded) value."""
+    if isinstance(value, FrozenMap):
+        value = dict(value._items[:5])
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_SCALAR_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _scalar_ok(value: Any, opts: list) -> bool:
+    if isinstance(value, bool):
+        return bool in opts
+    if isinstance(value, int):
+        return int in opts or float in opts
+    if isinstance(value, float):
+        return float in opts
+    if isinstance(value, str):
+        return str in opts
+    return False
+
+
+# Range rules by field name (visdet's modules assert or silently misbehave outside them).
+_POSITIVE = {"num_classes", "num_outs", "num_stages", "depth", "depths", "groups", "base_width", "embed_dims",
+             "patch_size", "window_size", "num_heads", "pad_size_divisor", "roi_feat_size", "num_prototypes",
+             "conv_kernel_size", "pred_kernel_size", "mask_size", "max_per_img", "mask_loss_stride", "topk",
+             "strides", "featmap_strides", "dilations", "spp_kernel_sizes", "finest_scale", "num"}
+_NON_NEGATIVE = {"num_convs", "num_shared_convs", "num_shared_fcs", "num_cls_convs", "num_cls_fcs", "num_reg_convs",
+                 "num_reg_fcs", "num_csp_blocks", "num_dyconvs", "stacked_convs", "sampling_ratio", "start_level"}
+_POSITIVE_FLOAT = {"widen_factor", "deepen_factor", "mlp_ratio", "expand_ratio", "eps"}
+
+
+def _check_range(name: str, value: Any, path: str, source: str) -> None:
+    positive = name in _POSITIVE or name.endswith("channels")
+    if not (positive or name in _NON_NEGATIVE or name in _POSITIVE_FLOAT) or value is None:
+        return
+    items = value if isinstance(value, tuple) else (value,)
+    for i, v in enumerate(items):
+        where = _where(f"{path}.{i}" if isinstance(value, tuple) else path, source)
+        if name in _POSITIVE_FLOAT:
+            if not isinstance(v, int | float) or isinstance(v, bool) or not v > 0:
+                raise ConfigError(f"{where} must be a positive number, got {short_repr(v)}")
+        elif not isinstance(v, int) or isinstance(v, bool):
+            raise ConfigError(f"{where} must be an integer, got {short_repr(v)}")
+        elif v < 1 if positive else v < 0:
+            raise ConfigError(f"{where} must be {'>= 1' if positive else '>= 0'}, got {v}")
+
+
 def _convert(value: Any, ann: Any, path: str, source: str) -> Any:
     opts = _options(ann)
     if value is None:
         if type(None) in opts:
             return None
         raise ConfigError(f"{_where(path, source)} must not be null")
+    scalar_opts = [o for o in opts if o is not type(None)]
+    if scalar_opts and all(o in _SCALAR_NAMES for o in scalar_opts) and not _scalar_ok(value, opts):
+        want = " or ".join(_SCALAR_NAMES[o] for o in scalar_opts if not (o is int and float in scalar_opts))
+        raise ConfigError(f"{_where(path, source)} must be {want}, got {short_repr(value)} "
+                          f"({type(value).__name__})")
     cfg_opts = [o for o in opts if isinstance(o, type) and issubclass(o, Cfg)]
     if isinstance(value, Mapping) and cfg_opts:
         return _parse_cfg(value, cfg_opts[0], path, source)
@@ -974,11 +1037,11 @@ def _convert(value: Any, ann: Any, path: str, source: str) -> Any:
             return _freeze(value)
         if Any in opts or ann is Any:
             return _freeze(value)
-        raise ConfigError(f"{_where(path, source)} must not be a list (got {value!r})")
+        raise ConfigError(f"{_where(path, source)} must not be a list (got {short_repr(value)})")
     if isinstance(value, Mapping):
         if FrozenMap in opts or Any in opts:
             return FrozenMap(value)
-        raise ConfigError(f"{_where(path, source)} must not be a mapping (got {dict(value)!r})")
+        raise ConfigError(f"{_where(path, source)} must not be a mapping (got {short_repr(dict(value))})")
     if float in opts and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
@@ -992,9 +1055,9 @@ def _parse_cfg(d: Mapping, expected: type[Cfg], path: str, source: str) -> Cfg:
     if base is not None:  # a module config: ``type`` picks the dataclass from the table
         if "type" in d:
             tname = d["type"]
-            if tname not in TYPE_TABLE:
+            if not isinstance(tname, str) or tname not in TYPE_TABLE:
                 raise ConfigError(
-                    f"unknown type '{tname}' at {_where(path + '.type', source)}; "
+                    f"unknown type {short_repr(tname)} at {_where(path + '.type', source)}; "
                     f"supported: {sorted(TYPE_TABLE)}")
             cls = TYPE_TABLE[tname]
             if not issubclass(cls, base):
@@ -1013,6 +1076,7 @@ def _parse_cfg(d: Mapping, expected: type[Cfg], path: str, source: str) -> Cfg:
             raise ConfigError(f"unknown key {_where(f'{path}.{key}' if path else key, source)} "
                               f"for {cls.TYPE or cls.__name__}; known keys: {sorted(names)}")
         kwargs[key] = _convert(value, hints[key], f"{path}.{key}" if path else key, source)
+        _check_range(key, kwargs[key], f"{path}.{key}" if path else key, source)
     cfg = cls(**kwargs)
     _check_honoured(cfg, path, source)
     return cfg
@@ -1076,6 +1140,71 @@ def _deep_merge(base: Mapping, child: Mapping) -> dict:
     return out
 
 
+# A config file is small; more YAML nodes than this once aliases (``*a``) are expanded is an alias bomb (a 1 KB file
+# of nested anchors expands to billions of nodes: every consumer would walk or print all of them).
+MAX_YAML_NODES = 100_000
+MAX_CONFIG_BYTES = 16 << 20
+
+
+def _expanded_nodes(root, budget: int, path) -> int:
+    """The node count of ``root`` with every alias expanded, stopping at ``budget``; a cycle is an error."""
+    sizes: dict = {}
+    active: set = set()
+
+    def size(node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError(f"{path}: a YAML alias refers to itself (a recursive structure); configs are trees")
+        active.add(key)
+        n = 1
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [c for kv in node.value for c in kv]
+        else:
+            children = ()
+        for child in children:
+            n += size(child)
+            if n > budget:
+                raise ConfigError(f"{path}: YAML aliases expand to more than {budget} nodes (an alias bomb?); "
+                                  "write the values out or use fewer nested anchors")
+        active.discard(key)
+        sizes[key] = n
+        return n
+
+    return size(root)
+
+
+def safe_load_yaml(raw: bytes, path="<config>", max_nodes: int = MAX_YAML_NODES):
+    """``yaml.safe_load`` with caps before allocation: text only, at most ``MAX_CONFIG_BYTES``, aliases expanding
+    to at most ``max_nodes`` nodes, no recursive aliases, bounded nesting. Errors are one ConfigError line."""
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {len(raw)} bytes is too big for a model config (limit {MAX_CONFIG_BYTES})")
+    if b"\0" in raw:
+        raise ConfigError(f"{path}: a binary file, not a YAML config; pass a visdet YAML model file or a preset name")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start}); pass a visdet YAML model file or a "
+                          "preset name") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_nodes(node, max_nodes, path)
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        msg = " ".join(str(e).split())
+        raise ConfigError(f"{path}: not valid YAML: {msg[:300]}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
 def read_yaml_with_bases(path: Path, _chain: tuple = ()) -> dict:
     """A YAML mapping with its ``_base_:`` files (one path or a list, relative to the file) merged under it,
     depth-first, as visdet's ``Config.fromfile`` does. A chain that loops or names a missing file is an error
@@ -1086,9 +1215,7 @@ def read_yaml_with_bases(path: Path, _chain: tuple = ()) -> dict:
         loop = " -> ".join(str(p) for p in (*_chain[_chain.index(key):], key))
         raise ConfigError(f"{path}: _base_ chain loops: {loop}")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        data = safe_load_yaml(path.read_bytes(), path)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     if not isinstance(data, Mapping):
@@ -1100,7 +1227,7 @@ def read_yaml_with_bases(path: Path, _chain: tuple = ()) -> dict:
     merged: dict = {}
     for b in [bases] if isinstance(bases, str) else list(bases) if isinstance(bases, list) else [None]:
         if not isinstance(b, str):
-            raise ConfigError(f"{path}: _base_ must be a file path or a list of them, got {bases!r}")
+            raise ConfigError(f"{path}: _base_ must be a file path or a list of them, got {short_repr(bases)}")
         bp = (path.parent / b)
         if not bp.is_file():
             raise ConfigError(f"{path}: _base_ file not found: {b} (looked for {bp})")
