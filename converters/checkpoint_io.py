@@ -21,7 +21,10 @@ nothing: a short whitelist of names (tensor rebuilding, storage types, ``Ordered
 to our own numpy code, and every other global becomes an inert :class:`Opaque` placeholder that records its
 name and arguments and never calls anything. Tensor views are bounds-checked against their storage before
 ``as_strided`` (a crafted stride must not read process memory), storages are read lazily (optimizer state is
-never read), and every failure becomes a :class:`CheckpointError`.
+never read), and every failure becomes a :class:`CheckpointError`. Memory is capped before it is allocated: a
+storage's declared element count must fit its zip member, the storages read plus the tensors materialised stay
+within a budget (4x the file's size, at least 256 MiB; ``FLAXDET_MAX_CHECKPOINT_MB``), and a stride-0 (expanded)
+view larger than its storage is refused beyond 1 MiB -- a few-MB file cannot inflate to gigabytes.
 
 The runner's config (``meta.cfg``, Python source) is parsed with :mod:`ast` only -- never ``exec``/``eval``
 -- so converting such a file needs no separate config.
@@ -127,17 +130,73 @@ _STORAGES = {"FloatStorage": "f4", "DoubleStorage": "f8", "HalfStorage": "f2", "
              "UntypedStorage": "u1"}
 
 
+# Memory a checkpoint may make us allocate (its storages read plus the tensors materialised from them), checked
+# before each allocation: a few-MB file must not inflate to gigabytes (a compressed member, a lying size, a
+# stride-0 expansion). Default: 4x the file's size, at least 256 MiB; FLAXDET_MAX_CHECKPOINT_MB or
+# load_checkpoint(max_bytes=) overrides.
+MIN_BUDGET_BYTES = 256 << 20
+# a view with more elements than its storage (stride 0 / overlapping strides) is materialised only up to this size
+MAX_EXPANDED_BYTES = 1 << 20
+
+
+class _Budget(_Sealed):
+    __slots__ = ("limit", "used", "how")
+
+    def __init__(self, limit, how):
+        self.limit, self.used, self.how = int(limit), 0, how
+
+    def charge(self, nbytes, what):
+        if self.used + nbytes > self.limit:
+            raise CheckpointError(
+                f"{what} needs {_mib(nbytes)} MiB, over this checkpoint's memory budget ({_mib(self.limit)} MiB "
+                f"in all, {_mib(self.used)} MiB used; {self.how}); if the file is genuine, raise it with "
+                "FLAXDET_MAX_CHECKPOINT_MB")
+        self.used += nbytes
+
+
+def _mib(n):
+    return f"{n / 2**20:.1f}" if n < 2**20 else f"{n // 2**20}"
+
+
+def _dims(xs) -> str:  # a tensor's size/stride for a message (already checked to be ints)
+    return "(" + ", ".join(str(x)[:20] for x in xs[:8]) + (", ..." if len(xs) > 8 else "") + ")"
+
+
+def _itemsize(dtype):
+    return 2 if dtype == "bf16" else np.dtype(dtype).itemsize
+
+
 class _Storage(_Sealed):
-    """A storage in the zip, read (once) when a tensor that uses it is materialised."""
+    """A storage in the zip, read (once) when a tensor that uses it is materialised: ``numel`` elements as its
+    persistent id declares, checked against the member's size and the budget before anything is read."""
 
-    __slots__ = ("zf", "member", "dtype", "order", "_data")
+    __slots__ = ("zf", "member", "dtype", "order", "numel", "budget", "_data")
 
-    def __init__(self, zf, member, dtype, order):
+    def __init__(self, zf, member, dtype, order, numel, budget):
         self.zf, self.member, self.dtype, self.order, self._data = zf, member, dtype, order, None
+        self.numel, self.budget = numel, budget
+
+    def info(self) -> zipfile.ZipInfo:
+        """The storage's zip member, checked to hold the declared elements (nothing is read)."""
+        try:
+            info = self.zf.getinfo(self.member)
+        except KeyError:
+            raise CheckpointError(f"storage member {self.member} is missing from the archive") from None
+        nbytes = self.numel * _itemsize(self.dtype)
+        if info.file_size < nbytes:
+            raise CheckpointError(f"storage {self.member} declares {self.numel} elements ({nbytes} bytes) but "
+                                  f"its member holds {info.file_size} bytes")
+        return info
 
     def data(self) -> np.ndarray:
         if self._data is None:
-            raw = self.zf.read(self.member)
+            info, nbytes = self.info(), self.numel * _itemsize(self.dtype)
+            widened = self.numel * 4 if self.dtype == "bf16" else 0  # bf16 comes back as float32
+            self.budget.charge(nbytes + widened, f"storage {self.member} ({self.numel} elements)")
+            with self.zf.open(info) as f:
+                raw = f.read(nbytes)
+            if len(raw) != nbytes:
+                raise CheckpointError(f"storage {self.member} is truncated ({len(raw)} of {nbytes} bytes)")
             if self.dtype == "bf16":  # the upper half of a float32
                 self._data = (np.frombuffer(raw, self.order + "u2").astype(np.uint32) << 16).view(np.float32)
             else:
@@ -157,15 +216,24 @@ class _Tensor(_Sealed):
         self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
 
     def numpy(self) -> np.ndarray:
-        data, off, size, stride = self.storage.data(), self.offset, self.size, self.stride
+        off, size, stride, st = self.offset, self.size, self.stride, self.storage
         ints = [off, *size, *stride]
         if len(size) != len(stride) or not all(type(i) is int and i >= 0 for i in ints):
             raise CheckpointError(f"tensor with invalid offset/size/stride: {[_short(i) for i in ints][:9]}")
-        if math.prod(size) == 0:
-            return np.zeros(size, data.dtype)
-        if off + sum((n - 1) * s for n, s in zip(size, stride)) >= data.size:
-            raise CheckpointError(f"tensor (offset {off}, size {size}, stride {stride}) reaches outside its "
-                                  f"storage of {data.size} elements")
+        st.info()
+        n = math.prod(size)
+        if n == 0:
+            return np.zeros(size, "f4" if st.dtype == "bf16" else st.dtype)
+        if off + sum((k - 1) * s for k, s in zip(size, stride)) >= st.numel:  # before reading anything
+            raise CheckpointError(f"tensor (offset {off}, size {_dims(size)}, stride {_dims(stride)}) reaches "
+                                  f"outside its storage of {st.numel} elements")
+        nbytes = n * (4 if st.dtype == "bf16" else _itemsize(st.dtype))
+        if n > st.numel and nbytes > MAX_EXPANDED_BYTES:
+            raise CheckpointError(f"tensor of size {_dims(size)} ({n} elements) is an expanded (stride-0 or "
+                                  f"overlapping) view of a storage of {st.numel} elements; refusing to materialise "
+                                  f"more than {MAX_EXPANDED_BYTES >> 20} MiB of repeated values")
+        self.storage.budget.charge(nbytes, f"tensor of size {_dims(size)}")
+        data = st.data()
         view = np.lib.stride_tricks.as_strided(data[off:], size, [s * data.itemsize for s in stride],
                                                writeable=False)
         return view.copy()
@@ -206,9 +274,9 @@ _WHITELIST = {
 
 
 class _Unpickler(pickle._Unpickler):
-    def __init__(self, data: bytes, zf, prefix, order):
+    def __init__(self, data: bytes, zf, prefix, order, budget):
         super().__init__(io.BytesIO(data))
-        self.zf, self.prefix, self.order, self.storages = zf, prefix, order, {}
+        self.zf, self.prefix, self.order, self.storages, self.budget = zf, prefix, order, {}, budget
 
     def find_class(self, module, name):
         if (module, name) in _WHITELIST:
@@ -225,8 +293,12 @@ class _Unpickler(pickle._Unpickler):
         if not isinstance(stype, _StorageType) or not isinstance(key, str):
             what = stype._name if isinstance(stype, type) and issubclass(stype, Opaque) else _kind(stype)
             raise CheckpointError(f"storage of unsupported type {what}")
+        numel = pid[4] if len(pid) >= 5 else None
+        if type(numel) is not int or numel < 0:
+            raise CheckpointError(f"storage {_short(key)} with an invalid element count ({_short(numel)})")
         if key not in self.storages:
-            self.storages[key] = _Storage(self.zf, f"{self.prefix}/data/{key}", stype.dtype, self.order)
+            self.storages[key] = _Storage(self.zf, f"{self.prefix}/data/{key}", stype.dtype, self.order, numel,
+                                          self.budget)
         return self.storages[key]
 
 
@@ -257,7 +329,20 @@ def _short(x) -> str:
     return repr(x)[:40] if isinstance(x, str | int | float | bool | type(None)) else _kind(x)
 
 
-def _load_torch_zip(p: Path):
+def _budget(p: Path, max_bytes=None) -> _Budget:
+    if max_bytes is not None:
+        return _Budget(max_bytes, "max_bytes")
+    env = os.environ.get("FLAXDET_MAX_CHECKPOINT_MB")
+    if env:
+        try:
+            return _Budget(float(env) * 2**20, "FLAXDET_MAX_CHECKPOINT_MB")
+        except ValueError:
+            raise CheckpointError(f"FLAXDET_MAX_CHECKPOINT_MB={env[:40]!r} is not a number of MiB") from None
+    return _Budget(max(MIN_BUDGET_BYTES, 4 * p.stat().st_size), "4x the file size, at least 256 MiB")
+
+
+def _load_torch_zip(p: Path, max_bytes=None):
+    budget = _budget(p, max_bytes)
     zf = zipfile.ZipFile(p)
     with zf:
         pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
@@ -266,7 +351,9 @@ def _load_torch_zip(p: Path):
                                   "(not written by torch.save); expected .pth or .safetensors")
         prefix = pkls[0].split("/")[0]
         order = ">" if f"{prefix}/byteorder" in zf.namelist() and zf.read(f"{prefix}/byteorder") == b"big" else "<"
-        obj = _Unpickler(zf.read(pkls[0]), zf, prefix, order).load()
+        pkl = zf.getinfo(pkls[0])
+        budget.charge(pkl.file_size, f"{pkls[0]} ({pkl.file_size} bytes unpacked)")
+        obj = _Unpickler(zf.read(pkl), zf, prefix, order, budget).load()
         sd, source = _find_state_dict(obj, lambda v: isinstance(v, _Tensor))
         bf16 = [k for k, v in sd.items() if v.storage.dtype == "bf16"]
         sd = OrderedDict((k, v.numpy()) for k, v in sd.items())
@@ -351,8 +438,10 @@ def _is_safetensors(p: Path, head: bytes) -> bool:
         return f.read(1) == b"{"
 
 
-def load_checkpoint(path) -> Checkpoint:
-    """Read a visdet / MMDetection checkpoint (see the module doc). Raises CheckpointError."""
+def load_checkpoint(path, max_bytes=None) -> Checkpoint:
+    """Read a visdet / MMDetection checkpoint (see the module doc). Raises CheckpointError. ``max_bytes``: the
+    memory a ``.pth`` may make us allocate (default 4x its file size, at least 256 MiB, or
+    ``FLAXDET_MAX_CHECKPOINT_MB``), checked before every allocation."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}" + (" (a directory)" if p.is_dir() else ""))
@@ -362,7 +451,7 @@ def load_checkpoint(path) -> Checkpoint:
         if not head:
             raise CheckpointError("empty file; expected a .pth or .safetensors checkpoint")
         if head[:2] == b"PK":
-            sd, source, meta, warnings = _load_torch_zip(p)
+            sd, source, meta, warnings = _load_torch_zip(p, max_bytes)
         elif _is_safetensors(p, head):
             sd, source, meta, warnings = _load_safetensors(p)
         elif head[:1] == b"\x80":
