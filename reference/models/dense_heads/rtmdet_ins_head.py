@@ -1,5 +1,5 @@
 """RTMDetInsHead, RTMDetInsSepBNHead and MaskFeatModule (visdet ``models/dense_heads/rtmdet_ins_head.py``),
-inference.
+inference and the training loss.
 
 On top of the detection towers: per level a kernel tower (``kernel_convs[l]``, never shared) and a 1x1
 ``rtm_kernel[l]`` giving the ``num_gen_params`` (169) dynamic-conv parameters of each prior, split in order
@@ -9,6 +9,15 @@ A detection's mask logits: ``cat[(prior - grid) / (8 * stride), mask_feat]`` thr
 (ReLU between), at stride 8; then bilinear x8 to the padded input, with rescale bilinear to
 ``(ceil(Hp / sw), ceil(Wp / sh))`` (visdet's code: the w factor sizes the height), cropped to ``ori_shape``,
 ``sigmoid > mask_thr_binary``.
+
+Training: RTMDetHead's cls/bbox losses (the assigner takes GT centres from the masks' centres of mass), plus
+``loss_mask``: per positive, its kernel and prior through the dynamic convs at stride 8, bilinear x(8 //
+``mask_loss_stride``), DiceLoss against the padded GT mask subsampled ``[s//2::s, s//2::s]``, averaged over
+``max(reduce_mean(#positives), 1)``. Kernel-index bug (visdet and upstream, ``rtmdet_ins_head.py:589``):
+``kernels[pos_inds]`` indexes the image's *full* prior list with indices into its *valid-prior* subset, so when
+``pad_shape < batch_input_shape`` positives take another location's kernel (their priors stay right). Here the
+kernels are taken through the valid -> full map by default; ``emulate_kernel_index_bug=True`` (attribute, or
+argument of ``loss_by_feat``) reproduces visdet.
 
 ``tie_reg_to_cls`` (SepBN head): upstream MMDetection's architecture, where ``reg_convs[l]`` *is*
 ``cls_convs[l]`` (visdet, the default, builds an independent reg tower).
@@ -27,9 +36,11 @@ from flaxdet_reference.models.dense_heads.rtmdet_head import (
     RTMDetHead,
     RTMDetSepBNHead,
     inverse_sigmoid,
+    reduce_mean,
     sigmoid_geometric_mean,
 )
 from flaxdet_reference.models.layers import ConvModule
+from flaxdet_reference.models.losses import build_loss
 
 
 class MaskFeatModule(nn.Module):
@@ -52,11 +63,13 @@ class MaskFeatModule(nn.Module):
 
 class RTMDetInsHead(RTMDetHead):
     priors_with_stride = True
+    emulate_kernel_index_bug = False  # True: visdet's kernels[pos_inds] (see the module docstring)
 
     def __init__(self, cfg: RTMDetInsSepBNHeadCfg):
         self.num_prototypes, self.dyconv_channels = cfg.num_prototypes, cfg.dyconv_channels
         self.num_dyconvs, self.mask_loss_stride = cfg.num_dyconvs, cfg.mask_loss_stride
         super().__init__(cfg)
+        self.loss_mask = build_loss(cfg.loss_mask)
 
     def _init_dyconv_sizes(self):
         p, d, n = self.num_prototypes, self.dyconv_channels, self.num_dyconvs
@@ -151,6 +164,64 @@ class RTMDetInsHead(RTMDetHead):
             if i < len(weights) - 1:
                 x = F.relu(x)
         return x.reshape(num_inst, h, w)
+
+    # -- training -----------------------------------------------------------------------------------
+    def loss_by_feat(self, cls_scores, bbox_preds, kernel_preds, mask_feat, batch_gt_instances, batch_img_metas,
+                     stages=None, emulate_kernel_index_bug=None):
+        """As RTMDetHead's, with ``masks`` (G, H, W) bool, padded to the batch input shape, required per image.
+        Returns dict(loss_cls=[per level], loss_bbox=[per level], loss_mask=scalar)."""
+        num_imgs = len(batch_img_metas)
+        for gt in batch_gt_instances:
+            if "masks" not in gt:
+                raise ValueError("RTMDet-Ins training needs GT masks")
+        gts = [dict(gt, masks=torch.as_tensor(gt["masks"], device=mask_feat.device).to(torch.bool))
+               for gt in batch_gt_instances]
+        flatten_kernels = torch.cat([k.permute(0, 2, 3, 1).reshape(num_imgs, -1, self.num_gen_params)
+                                     for k in kernel_preds], 1)
+        t = self._targets_and_losses(cls_scores, bbox_preds, gts, batch_img_metas, stages)
+        loss_mask = self.loss_mask_by_feat(mask_feat, flatten_kernels, t["sampling_results"], gts, t["inside_flags"],
+                                           emulate_kernel_index_bug, stages)
+        return dict(loss_cls=t["losses_cls"], loss_bbox=t["losses_bbox"], loss_mask=loss_mask)
+
+    def loss_mask_by_feat(self, mask_feats, flatten_kernels, sampling_results_list, batch_gt_instances,
+                          inside_flags_list=None, emulate_kernel_index_bug=None, stages=None):
+        """mask_feats (N, P, h, w), flatten_kernels (N, A, num_gen_params) over all priors; sampling results index
+        each image's valid priors (``inside_flags_list``: their flags over all priors; needed unless emulating)."""
+        emulate = self.emulate_kernel_index_bug if emulate_kernel_index_bug is None else emulate_kernel_index_bug
+        logits, kernels_used, priors_used, gt_masks = [], [], [], []
+        for i, (mask_feat, kernels, sr, gt) in enumerate(zip(mask_feats, flatten_kernels, sampling_results_list,
+                                                               batch_gt_instances)):
+            if emulate:
+                pos_kernels = kernels[sr.pos_inds]  # visdet: a valid-subset index into the full list
+            else:
+                if inside_flags_list is None:
+                    raise ValueError("correct kernel indexing needs inside_flags_list")
+                valid_to_full = torch.nonzero(inside_flags_list[i], as_tuple=False).squeeze(1)
+                pos_kernels = kernels[valid_to_full[sr.pos_inds]]
+            logits.append(self._mask_predict_by_feat_single(mask_feat, pos_kernels, sr.pos_priors))
+            kernels_used.append(pos_kernels)
+            priors_used.append(sr.pos_priors)
+            masks = gt["masks"]
+            gt_masks.append(torch.empty_like(masks) if masks.numel() == 0 else masks[sr.pos_assigned_gt_inds, :])
+        pos_gt_masks = torch.cat(gt_masks, 0)
+        pos_mask_logits = torch.cat(logits, 0)
+        num_pos = reduce_mean(mask_feats.new_tensor([pos_mask_logits.shape[0]])).clamp_(min=1).item()
+        if stages is not None:
+            stages.update(mask_pos_logits=pos_mask_logits, mask_pos_kernels=torch.cat(kernels_used, 0),
+                          mask_pos_priors=torch.cat(priors_used, 0), mask_loss_avg_factor=num_pos)
+        if pos_mask_logits.shape[0] == 0:
+            return mask_feats.sum() * 0
+        scale = self.prior_generator.strides[0][0] // self.mask_loss_stride
+        pos_mask_logits = F.interpolate(pos_mask_logits.unsqueeze(0), scale_factor=scale, mode="bilinear",
+                                        align_corners=False).squeeze(0)
+        s = self.mask_loss_stride
+        pos_gt_masks = pos_gt_masks[:, s // 2::s, s // 2::s]
+        if pos_gt_masks.shape[-2:] != pos_mask_logits.shape[-2:]:
+            raise ValueError(f"GT masks subsampled to {tuple(pos_gt_masks.shape[-2:])} vs mask logits "
+                             f"{tuple(pos_mask_logits.shape[-2:])}: pad the GT masks to the batch input shape")
+        if stages is not None:
+            stages.update(mask_loss_pred_logits=pos_mask_logits, mask_loss_target=pos_gt_masks)
+        return self.loss_mask(pos_mask_logits, pos_gt_masks, weight=None, avg_factor=num_pos)
 
 
 class RTMDetInsSepBNHead(RTMDetInsHead, RTMDetSepBNHead):

@@ -1,8 +1,12 @@
 """SingleStageDetector (visdet ``models/detectors/single_stage.py``): data preprocessor, backbone, neck and one
-dense ``bbox_head`` (handed the detector's train/test cfg by the config parser), predict path."""
+dense ``bbox_head`` (handed the detector's train/test cfg by the config parser), predict path and the training
+loss (``loss``; :func:`~flaxdet_reference.models.detectors.two_stage.parse_losses` gives the total)."""
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flaxdet_reference.models.data_preprocessors.data_preprocessor import DetDataPreprocessor
@@ -57,3 +61,47 @@ class SingleStageDetector(nn.Module):
         if stages is not None:
             stages.update({f"det.{k}": v for k, v in results[0].items()})
         return results
+
+    # -- training -----------------------------------------------------------------------------------
+    def loss(self, images, img_metas, gt_instances, stages=None, **head_kwargs):
+        """visdet's ``SingleStageDetector.loss`` on a batch: ``bbox_head.loss(extract_feat(batch))``.
+
+        images: a list of (3,H,W) uint8 tensors in the loader's channel order (the data preprocessor runs; metas
+        default ``img_shape`` to each image's size), or an already preprocessed (N,3,H,W) float batch (then
+        ``img_metas`` need ``img_shape``). ``pad_shape`` defaults to ``img_shape`` rounded up to
+        ``pad_size_divisor`` (visdet's per-image pad shape); ``batch_input_shape`` is the batch's. gt_instances:
+        per image dict(bboxes (G,4) xyxy in the input frame, labels (G,)[, masks (G,h,w) bool/uint8: RTMDet-Ins,
+        padded with ``mask_pad_value`` to the batch shape when ``pad_mask``]). ``head_kwargs`` go to the head's
+        ``loss_by_feat`` (RTMDet-Ins: ``emulate_kernel_index_bug``). Returns visdet's raw loss dict
+        (``loss_cls``/``loss_bbox`` lists over levels[, ``loss_mask``]); ``stages`` (a dict) receives the
+        intermediates (see RTMDetHead's docstring) plus ``preprocessed``, ``metas`` and ``neck``."""
+        pp = self.data_preprocessor.cfg
+        if torch.is_tensor(images) and images.is_floating_point():
+            batch, batch_shape = images, tuple(images.shape[-2:])
+            sizes = [tuple(m["img_shape"])[:2] for m in img_metas]
+        else:
+            batch, batch_shape = self.data_preprocessor(images)
+            sizes = [tuple(m.get("img_shape", img.shape[-2:]))[:2] for img, m in zip(images, img_metas)]
+        d = pp.pad_size_divisor
+        metas = [dict(img_shape=(int(h), int(w)), batch_input_shape=tuple(batch_shape),
+                      pad_shape=tuple(m.get("pad_shape", (int(math.ceil(h / d)) * d, int(math.ceil(w / d)) * d)))[:2])
+                 for (h, w), m in zip(sizes, img_metas)]
+        gts = [self._gt_tensors(g, batch_shape) for g in gt_instances]
+        x = self.extract_feat(batch)
+        if stages is not None:
+            stages.update(preprocessed=batch, metas=metas, neck=x)
+        return self.bbox_head.loss(x, gts, metas, stages=stages, **head_kwargs)
+
+    def _gt_tensors(self, gt, batch_shape):
+        bboxes = torch.as_tensor(gt["bboxes"], dtype=torch.float32).reshape(-1, 4)
+        out = dict(bboxes=bboxes, labels=torch.as_tensor(gt["labels"], dtype=torch.long).reshape(-1))
+        if hasattr(self.bbox_head, "loss_mask_by_feat"):  # only the Ins head's GT carry masks (visdet's pipeline)
+            masks = torch.as_tensor(gt["masks"]).to(torch.bool)
+            masks = masks.reshape(len(bboxes), *masks.shape[-2:])
+            pp = self.data_preprocessor.cfg
+            if pp.pad_mask:  # visdet pads GT masks to the batch input shape (mask_pad_value)
+                h, w = masks.shape[-2:]
+                masks = F.pad(masks.to(torch.uint8), (0, batch_shape[1] - w, 0, batch_shape[0] - h),
+                              value=pp.mask_pad_value).to(torch.bool)
+            out["masks"] = masks
+        return out

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 from flaxdet_reference.models.losses.accuracy import accuracy  # noqa: F401
 from flaxdet_reference.models.losses.cross_entropy_loss import CrossEntropyLoss
+from flaxdet_reference.models.losses.dice_loss import DiceLoss
+from flaxdet_reference.models.losses.gfocal_loss import QualityFocalLoss
+from flaxdet_reference.models.losses.iou_loss import GIoULoss
 from flaxdet_reference.models.losses.smooth_l1_loss import L1Loss, SmoothL1Loss
 
-LOSSES = {"CrossEntropyLoss": CrossEntropyLoss, "L1Loss": L1Loss, "SmoothL1Loss": SmoothL1Loss}
+LOSSES = {"CrossEntropyLoss": CrossEntropyLoss, "L1Loss": L1Loss, "SmoothL1Loss": SmoothL1Loss,
+          "QualityFocalLoss": QualityFocalLoss, "GIoULoss": GIoULoss, "DiceLoss": DiceLoss}
 
 
 def build_loss(cfg):
