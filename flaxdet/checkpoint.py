@@ -42,13 +42,55 @@ def _flat_state(model):
     return {k: np.asarray(v.get_value()) for k, v in _live_variables(model).items()}
 
 
+def is_model_dir(path) -> bool:
+    """``path`` is a directory :func:`save_model_dir` wrote (config.yaml + a meta.json naming flaxdet's version)."""
+    p = Path(path)
+    try:
+        meta = json.loads((p / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (p / "config.yaml").is_file() and isinstance(meta, dict) and "flaxdet_version" in meta
+
+
+def check_writable_dir(out, what="--out") -> Path:
+    """A directory path we can create (or write in): not an existing file, not under a file, in a writable folder.
+    Raises ModelDirError naming the problem; returns the path."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ModelDirError(f"{what} {out} is an existing file, not a directory; give a directory path")
+    a = out
+    while not a.exists() and a != a.parent:
+        a = a.parent
+    if not a.is_dir():
+        raise ModelDirError(f"{what} {out}: {a} is a file, so no directory can be made under it; give another path")
+    if not os.access(a, os.W_OK | os.X_OK):
+        raise ModelDirError(f"{what} {out}: cannot write in {a} (permission denied); give another path")
+    return out
+
+
+def check_model_dir_target(out, overwrite=False, what="--out") -> Path:
+    """Where :func:`save_model_dir` may write: a new or empty directory, or -- with ``overwrite`` -- an existing flaxdet
+    model directory (never another non-empty directory, nor the current directory or one holding it)."""
+    out = check_writable_dir(out, what)
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ModelDirError(f"{out} exists and is not empty (use --overwrite to replace a flaxdet model directory)")
+        if not is_model_dir(out):
+            raise ModelDirError(f"{out} exists and is not a flaxdet model directory (no meta.json/config.yaml written "
+                                "by flaxdet); --overwrite only replaces a model directory: give another --out")
+        here, target = Path.cwd().resolve(), out.resolve()
+        if target == here or target in here.parents:
+            raise ModelDirError(f"{out} is the current directory or holds it; refusing to replace it: give another "
+                                "--out (or run from elsewhere)")
+    return out
+
+
 def save_model_dir(out_dir, model, classes=None, meta=None, fmt="orbax", overwrite=False):
-    """Write ``model`` (+ its config and class names) to ``out_dir`` atomically."""
+    """Write ``model`` (+ its config and class names) to ``out_dir`` atomically. ``overwrite`` replaces an existing
+    flaxdet model directory (only that: see :func:`check_model_dir_target`)."""
     if fmt not in FORMATS:
         raise ModelDirError(f"unknown format {fmt!r} (choose from {FORMATS})")
-    out = Path(out_dir)
-    if out.exists() and not overwrite and any(out.iterdir()):
-        raise ModelDirError(f"{out} exists and is not empty (use --overwrite to replace it)")
+    out = Path(os.path.abspath(check_model_dir_target(out_dir, overwrite)))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -59,17 +59,27 @@ SCALE_HELP = ("keep-ratio resize bounds (default: the model's test pipeline: 133
               "family, the preset's img_scale, 640 640, for RTMDet)")
 
 
+class UsageError(ValueError):
+    """A command-line value out of range: one error line, exit 2."""
+
+
 def _scale(values):
     if values is None:
         return None
-    if len(values) != 2:
-        raise argparse.ArgumentTypeError("--scale takes two integers: LONG SHORT (e.g. 1333 800)")
-    return tuple(int(v) for v in values)
+    try:
+        scale = tuple(int(v) for v in values)
+    except ValueError:
+        scale = ()
+    if len(scale) != 2 or min(scale) < 1:
+        raise UsageError(f"--scale takes two positive integers LONG SHORT (e.g. 1333 800), got {' '.join(values)[:60]}")
+    return scale
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="flaxdet", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true",
+                   help="show the Python traceback of an error (also accepted after the command; FLAXDET_DEBUG=1)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     s = sub.add_parser("presets", help="list the model presets flaxdet ships")
@@ -273,30 +283,106 @@ def cmd_eval(args):
     return 0
 
 
+# command-line numbers: (attribute, the option, the smallest value allowed)
+_MIN_VALUES = (("batch_size", "--batch-size", 1), ("num_classes", "--num-classes", 1), ("steps", "--steps", 1),
+               ("ckpt_every", "--ckpt-every", 1), ("keep", "--keep", 1), ("max_gt", "--max-gt", 1),
+               ("devices", "--devices", 1), ("warmup_iters", "--warmup-iters", 0),
+               ("weight_decay", "--weight-decay", 0))
+
+
+def _validate(args):
+    """Range checks of the parsed options, before anything is loaded (raises UsageError)."""
+    import math
+
+    for attr, opt, low in _MIN_VALUES:
+        v = getattr(args, attr, None)
+        if v is not None and not (isinstance(v, int | float) and math.isfinite(v) and v >= low):
+            raise UsageError(f"{opt} must be >= {low}, got {v}")
+    lr = getattr(args, "lr", None)
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise UsageError(f"--lr must be a positive number, got {lr}")
+    thr = getattr(args, "score_thr", None)
+    if thr is not None and not 0 <= thr <= 1:
+        raise UsageError(f"--score-thr must be between 0 and 1, got {thr}")
+    _scale(getattr(args, "scale", None))
+    _check_outputs(args)
+
+
+def _check_outputs(args):
+    """``--out`` of each command: a directory we can write (a model directory for convert, a file for export)."""
+    from flaxdet.checkpoint import check_model_dir_target, check_writable_dir
+
+    out = getattr(args, "out", None)
+    if out is None:
+        return
+    if args.command == "convert":
+        check_model_dir_target(out, args.overwrite)
+    elif args.command == "export":
+        p = Path(out)
+        if p.is_dir():
+            raise UsageError(f"--out {out} is a directory; give a file name ending in .pth or .safetensors")
+        if p.suffix.lower() not in (".pth", ".pt", ".ckpt", ".safetensors"):
+            raise UsageError(f"--out {out}: unknown checkpoint format {p.suffix or '(no suffix)'!r}; give a file "
+                             "name ending in .pth or .safetensors")
+        check_writable_dir(p.parent)
+    else:
+        check_writable_dir(out)
+
+
+def _one_line(e: BaseException) -> str:
+    import errno
+
+    if isinstance(e, OSError) and e.strerror:
+        where = f" ({e.filename})" if e.filename else ""
+        hint = {errno.ENOSPC: "; free some space or write elsewhere (nothing was left half-written)",
+                errno.EACCES: "; check the permissions or choose another path",
+                errno.EROFS: "; the file system is read-only: choose another path"}.get(e.errno, "")
+        return f"{e.strerror}{where}{hint}"
+    if isinstance(e, MemoryError):
+        return "out of memory"
+    return str(e)
+
+
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("FLAXDET_DEBUG", "") not in ("", "0")
+    args = parser.parse_args([a for a in argv if a != "--debug"])
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    enable_compile_cache()
     from flaxdet.config import ConfigError
 
-    errors = (ConfigError, FileNotFoundError)
+    errors = (ConfigError, FileNotFoundError, UsageError, OSError, MemoryError)
     try:
         from flaxdet.checkpoint import ModelDirError
         from flaxdet.data.coco import DatasetError
         from flaxdet.data.transforms import ImageError
+        from flaxdet.tools import CommandError
         from flaxdet_converters.checkpoint_io import CheckpointError
         from flaxdet_converters.convert import ConversionError
 
-        errors = errors + (CheckpointError, ConversionError, ModelDirError, ImageError, DatasetError)
+        errors = errors + (CheckpointError, ConversionError, ModelDirError, ImageError, DatasetError, CommandError)
     except ImportError:
         pass
     try:
+        _validate(args)
+        enable_compile_cache()
         return args.func(args)
-    except errors as e:
-        print(f"flaxdet {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"flaxdet {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        if isinstance(e, errors):
+            msg = _one_line(e)
+        else:  # not a condition we name: still one line, the traceback on request
+            msg = (f"unexpected {type(e).__name__}: {' '.join(str(e).split())[:300]} (rerun with --debug for the "
+                   "traceback, and please report it)")
+        print(f"flaxdet {args.command}: error: {msg}", file=sys.stderr)
         return 2
 
 

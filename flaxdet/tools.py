@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from flaxdet.checkpoint import load_model_dir, save_model_dir
+from flaxdet.checkpoint import check_model_dir_target, load_model_dir, save_model_dir
 from flaxdet.config import (
     ConfigError,
     dump_yaml,
@@ -31,6 +31,10 @@ from flaxdet.parity.harness import compare_stages, flaxdet_stages, geometry_of, 
 from flaxdet.visualize import draw_detections, plot_parity
 from flaxdet_converters.checkpoint_io import load_checkpoint, save_checkpoint
 from flaxdet_converters.convert import export_visdet_state_dict, load_visdet_state_dict
+
+
+class CommandError(RuntimeError):
+    """A job that cannot go on for a reason the user can act on (one error line from the CLI)."""
 
 
 def _config_for(checkpoint, config, num_classes=None, log=print):
@@ -59,6 +63,8 @@ def _config_for(checkpoint, config, num_classes=None, log=print):
 def convert_checkpoint(ckpt_path, config=None, out=None, fmt="orbax", strict=True, key_dialect="visdet",
                        overwrite=False, log=print, num_classes=None):
     """visdet checkpoint -> flaxdet model dir. Returns (out_dir, report). Writes nothing on failure."""
+    if out is not None:
+        check_model_dir_target(out, overwrite)  # before the work: --out a file, not writable, not a model dir
     ck = load_checkpoint(ckpt_path)
     for w in getattr(ck, "warnings", []) or []:
         log(f"warning: {w}")
@@ -157,10 +163,10 @@ def _visdet_stages(cfg, checkpoint, img, meta):
     try:
         from visdet.apis import init_detector  # noqa: F401
     except Exception as e:  # ImportError or a broken install
-        raise SystemExit(
-            f"--against visdet: visdet is not importable here ({type(e).__name__}: {e}).\n"
-            "Install visdet in this environment, or use --against reference (flaxdet's PyTorch mirror of "
-            "visdet, itself checked against recorded visdet outputs).") from None
+        raise CommandError(
+            f"--against visdet: visdet is not importable here ({type(e).__name__}: {str(e)[:200]}); "
+            "install visdet in this environment, or use --against reference (flaxdet's PyTorch mirror of "
+            "visdet, itself checked against recorded visdet outputs)") from None
     import tempfile
 
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
