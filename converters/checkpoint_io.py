@@ -61,6 +61,7 @@ class Checkpoint:
     source_format: str  # 'pth-state-dict' | 'pth-runner' | 'safetensors'
     path: str
     warnings: list = field(default_factory=list)
+    source_dtypes: dict = field(default_factory=dict)  # {key: dtype name} of tensors widened on reading (bfloat16)
 
 
 # ------------------------------------------------------------------------------ restricted unpickling
@@ -359,7 +360,7 @@ def _load_torch_zip(p: Path, max_bytes=None):
         sd = OrderedDict((k, v.numpy()) for k, v in sd.items())
         meta = _materialize(obj.get("meta"), {}) if source == "pth-runner" else {}
     warnings = [f"bfloat16 tensors widened to float32: {bf16[:5]}{'...' if len(bf16) > 5 else ''}"] if bf16 else []
-    return sd, source, meta, warnings
+    return sd, source, meta, warnings, bf16
 
 
 def _load_legacy(p: Path):
@@ -374,17 +375,21 @@ def _load_legacy(p: Path):
         raise CheckpointError(f"not a readable checkpoint: legacy torch pickle that torch.load(weights_only=True) "
                               f"refuses ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
 
-    def conv(x):
+    bf16 = []
+
+    def conv(x, key=None):
         if isinstance(x, torch.Tensor):
             x = x.detach().cpu()
+            if x.dtype == torch.bfloat16:
+                bf16.append(key)
             return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
         if isinstance(x, dict):
-            return type(x)((k, conv(v)) for k, v in x.items())
+            return type(x)((k, conv(v, k)) for k, v in x.items())
         return [conv(v) for v in x] if isinstance(x, list | tuple) else x
 
     obj = conv(obj)
     sd, source = _find_state_dict(obj, lambda v: isinstance(v, np.ndarray))
-    return sd, source, (obj.get("meta") if source == "pth-runner" else {}), []
+    return sd, source, (obj.get("meta") if source == "pth-runner" else {}), [], bf16
 
 
 def _find_state_dict(obj, is_tensor):
@@ -426,7 +431,7 @@ def _load_safetensors(p: Path):
         sd = OrderedDict((k, sd[k]) for k in order)
     if classes is not None:
         meta["dataset_meta"] = {"classes": classes}
-    return sd, "safetensors", meta, warnings
+    return sd, "safetensors", meta, warnings, []
 
 
 def _is_safetensors(p: Path, head: bytes) -> bool:
@@ -451,11 +456,11 @@ def load_checkpoint(path, max_bytes=None) -> Checkpoint:
         if not head:
             raise CheckpointError("empty file; expected a .pth or .safetensors checkpoint")
         if head[:2] == b"PK":
-            sd, source, meta, warnings = _load_torch_zip(p, max_bytes)
+            sd, source, meta, warnings, bf16 = _load_torch_zip(p, max_bytes)
         elif _is_safetensors(p, head):
-            sd, source, meta, warnings = _load_safetensors(p)
+            sd, source, meta, warnings, bf16 = _load_safetensors(p)
         elif head[:1] == b"\x80":
-            sd, source, meta, warnings = _load_legacy(p)
+            sd, source, meta, warnings, bf16 = _load_legacy(p)
         else:
             raise CheckpointError(f"not a checkpoint: starts with {head!r}, neither a torch zip archive, "
                                   "a pickle nor safetensors")
@@ -481,7 +486,9 @@ def load_checkpoint(path, max_bytes=None) -> Checkpoint:
             warnings.append(f"meta.cfg could not be parsed: {e}")
         if model_cfg is not None and not isinstance(model_cfg, dict):
             model_cfg = None
-    return Checkpoint(sd, list(classes) if classes is not None else None, meta, model_cfg, source, str(p), warnings)
+    widened = {k[len("module."):] if k not in sd and k.startswith("module.") else k: "bfloat16" for k in bf16}
+    return Checkpoint(sd, list(classes) if classes is not None else None, meta, model_cfg, source, str(p), warnings,
+                      {k: v for k, v in widened.items() if k in sd})
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -505,7 +512,7 @@ def save_checkpoint(path, state_dict, classes=None, meta=None, format=None) -> P
             a = np.asarray(v)
         except Exception as e:
             raise CheckpointError(f"{p}: cannot save {k!r}: not convertible to a numpy array ({e})") from None
-        if not isinstance(k, str) or a.dtype.kind not in "biufc":
+        if not isinstance(k, str) or (a.dtype.kind not in "biufc" and a.dtype.name != "bfloat16"):
             raise CheckpointError(f"{p}: cannot save {k!r}: expected str names and numeric arrays, got {a.dtype}")
         if fmt == "safetensors" and k == "__metadata__":
             raise CheckpointError(f"{p}: cannot save {k!r}: a reserved name in safetensors")
@@ -522,7 +529,7 @@ def save_checkpoint(path, state_dict, classes=None, meta=None, format=None) -> P
                 md["classes"] = json.dumps(list(classes))
             save_file(dict(arrays), tmp, metadata=md)
         else:
-            obj = sd = OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in arrays.items())
+            obj = sd = OrderedDict((k, _to_torch(torch, v)) for k, v in arrays.items())
             if classes is not None or meta:
                 m = dict(meta or {})
                 if classes is not None:
@@ -537,6 +544,12 @@ def save_checkpoint(path, state_dict, classes=None, meta=None, format=None) -> P
             raise
         raise CheckpointError(f"{p}: could not write checkpoint ({type(e).__name__}: {e})") from e
     return p
+
+
+def _to_torch(torch, a):
+    if a.dtype.name == "bfloat16":  # numpy (ml_dtypes) bfloat16: torch.from_numpy does not take it
+        return torch.from_numpy(np.array(a).view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(np.array(a))
 
 
 # ------------------------------------------------------------------------------- meta.cfg (no exec)

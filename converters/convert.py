@@ -57,6 +57,11 @@ class ConversionReport:
     renamed: list[str] = field(default_factory=list)  # "mmdet key -> visdet key" (key_dialect="mmdet")
     # keys of one shared variable (RTMDet's share_conv: a level's conv IS level 0's) whose values differ
     differing: list[str] = field(default_factory=list)
+    # converted, but worth a word: "key: float16 -> float32" (the model's dtype; export restores the source's) and
+    # "key: 3 of 64 values NaN/Inf" (such a model detects nothing)
+    cast: list[str] = field(default_factory=list)
+    nonfinite: list[str] = field(default_factory=list)
+    source_dtypes: dict = field(default_factory=dict)  # {key: the checkpoint's dtype name} for the cast keys
 
     @property
     def ok(self) -> bool:
@@ -68,7 +73,7 @@ class ConversionReport:
             return f"  {name} ({len(xs)}): " + ", ".join(xs[:limit]) + more
 
         lines = [f"converted {len(self.converted)} keys"]
-        for name in ("missing", "unexpected", "misshapen", "differing", "renamed"):
+        for name in ("missing", "unexpected", "misshapen", "differing", "renamed", "cast", "nonfinite"):
             xs = getattr(self, name)
             if xs:
                 lines.append(show(name, xs))
@@ -76,7 +81,8 @@ class ConversionReport:
 
     def as_dict(self):
         return {k: list(getattr(self, k))
-                for k in ("converted", "missing", "unexpected", "misshapen", "differing", "renamed")}
+                for k in ("converted", "missing", "unexpected", "misshapen", "differing", "renamed", "cast",
+                          "nonfinite")}
 
 
 def torch_key(path) -> str:
@@ -181,6 +187,14 @@ def load_visdet_state_dict(model: nnx.Module, state_dict: dict, strict: bool = T
             report.misshapen.append(f"{key}: checkpoint {tuple(src.shape)} vs model "
                                     f"{_torch_shape(target_shape, perm)}")
             continue
+        target_dtype = np.dtype(var.get_value().dtype)
+        if src.dtype != np.dtype(EXPORT_DTYPES.get(type(var), target_dtype)):
+            report.cast.append(f"{key}: {src.dtype.name} -> {target_dtype.name}")
+            report.source_dtypes[key] = src.dtype.name
+        if src.dtype.kind in "fcV" and src.size:
+            finite = np.isfinite(src.astype(np.float32) if src.dtype.kind == "V" else src)
+            if not finite.all():
+                report.nonfinite.append(f"{key}: {int(finite.size - finite.sum())} of {finite.size} values NaN/Inf")
         updates.append((var, jnp.asarray(arr, dtype=var.get_value().dtype)))
         report.converted.append(key)
     report.unexpected = [k for k in sd if k not in used]
@@ -193,6 +207,14 @@ def load_visdet_state_dict(model: nnx.Module, state_dict: dict, strict: bool = T
     return report
 
 
+def _dtype(name):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
 def _torch_shape(flax_shape, perm):
     if perm is None:
         return tuple(flax_shape)
@@ -200,10 +222,12 @@ def _torch_shape(flax_shape, perm):
     return tuple(int(flax_shape[i]) for i in inv)
 
 
-def export_visdet_state_dict(model: nnx.Module, key_order=None, key_dialect="visdet") -> "OrderedDict[str, np.ndarray]":
+def export_visdet_state_dict(model: nnx.Module, key_order=None, key_dialect="visdet",
+                             dtypes=None) -> "OrderedDict[str, np.ndarray]":
     """flaxdet model -> visdet state_dict (numpy, torch layouts and dtypes). ``key_order`` (e.g. the
     source checkpoint's) fixes the order of keys; unknown names are appended in graph order. ``key_dialect``
-    "mmdet" spells keys as upstream MMDetection 3.x does (RTMDet's ``depthwise_conv`` / ``pointwise_conv``)."""
+    "mmdet" spells keys as upstream MMDetection 3.x does (RTMDet's ``depthwise_conv`` / ``pointwise_conv``).
+    ``dtypes``: {visdet key: dtype name} to cast back to (the source checkpoint's, recorded at convert)."""
     out = OrderedDict()
     aliases = variable_aliases(model)
     for key, var, owner in flax_variables(model):
@@ -213,6 +237,8 @@ def export_visdet_state_dict(model: nnx.Module, key_order=None, key_dialect="vis
             arr = np.transpose(arr, np.argsort(perm))
         dtype = EXPORT_DTYPES.get(type(var))
         out[key] = np.array(arr, dtype=dtype if dtype is not None else arr.dtype, order="C")
+        if dtypes and key in dtypes:
+            out[key] = out[key].astype(_dtype(dtypes[key]))
         for alias in aliases.get(key, ()):  # a shared variable under every name visdet's state_dict has
             out[alias] = out[key].copy()  # own memory: safetensors refuses shared tensors
     if key_order:

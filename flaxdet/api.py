@@ -32,11 +32,12 @@ def load(checkpoint, config=None, dtype=None, num_classes=None) -> Detector:
 
 
 def convert(checkpoint, out_dir, config=None, fmt="orbax", strict=True, key_dialect="visdet", overwrite=False,
-            num_classes=None):
+            num_classes=None, classes=None):
     """visdet checkpoint -> flaxdet model dir (``fmt`` "orbax" or "safetensors"); every key accounted for
-    (``strict``). Returns (the model dir, the conversion report). Writes nothing on failure."""
+    (``strict``). Returns (the model dir, the conversion report). Writes nothing on failure. ``classes``: class
+    names to store instead of the checkpoint's (fewer names than the head's classes is an error)."""
     return convert_checkpoint(checkpoint, config, out_dir, fmt, strict, key_dialect, overwrite,
-                              num_classes=num_classes)
+                              num_classes=num_classes, classes=classes)
 
 
 def export(model_dir, out, key_dialect="visdet") -> Path:

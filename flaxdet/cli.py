@@ -102,7 +102,10 @@ def build_parser():
                    help="'mmdet' accepts upstream MMDetection-3.x key spellings (e.g. Swin patch_embed.projection); "
                    "'swin' reads an official (Microsoft) Swin backbone checkpoint (layers.N.blocks...; backbone "
                    "only: use with --no-strict)")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an existing flaxdet model directory (no other directory is replaced)")
+    s.add_argument("--classes", nargs="+", metavar="NAME",
+                   help="class names to store, in label order, instead of the checkpoint's meta.dataset_meta.classes")
     s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("export", help="flaxdet model directory -> visdet checkpoint",
@@ -216,7 +219,7 @@ def cmd_convert(args):
     from flaxdet.api import convert
 
     out, report = convert(args.checkpoint, args.out, args.config, args.format, not args.no_strict, args.key_dialect,
-                          args.overwrite, num_classes=args.num_classes)
+                          args.overwrite, num_classes=args.num_classes, classes=args.classes)
     print(report.summary())
     print(f"wrote {out}")
     return 0

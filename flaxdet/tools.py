@@ -18,6 +18,7 @@ from flaxdet.config import (
     is_two_stage,
     load_config,
     parse_model_config,
+    short_repr,
     test_scale,
     to_dict,
     with_num_classes,
@@ -60,30 +61,79 @@ def _config_for(checkpoint, config, num_classes=None, log=print):
     return with_num_classes(cfg, sd, num_classes, str(checkpoint.path), log)
 
 
+def _num_classes(cfg) -> int:
+    from flaxdet.evaluation import num_classes_of
+
+    return num_classes_of(cfg)
+
+
+def check_class_names(classes, cfg, source, log=print, strict=True):
+    """The class names a checkpoint stores against the classes its head predicts: fewer names than classes is an
+    error (``strict``; else a warning: the missing ones are shown as numbers), more a warning."""
+    if classes is None:
+        return None
+    n = _num_classes(cfg)
+    if n is None or len(classes) == n:
+        return classes
+    if len(classes) < n:
+        msg = (f"{source} names {len(classes)} classes ({short_repr(list(classes))}) but the model's head predicts "
+               f"{n}; pass the full list with --classes NAME ... (or a config whose num_classes is {len(classes)})")
+        if strict:
+            raise CommandError(msg)
+        log(f"warning: {msg}; labels without a name are shown as numbers")
+    else:
+        log(f"warning: {source} names {len(classes)} classes but the model's head predicts {n}; the first {n} "
+            "are used")
+    return classes
+
+
+def _dtype_warnings(report, log):
+    def some(xs):
+        return ", ".join(xs[:3]) + (f" (+{len(xs) - 3} more)" if len(xs) > 3 else "")
+
+    if report.cast:
+        log(f"warning: {len(report.cast)} tensors stored in another dtype were cast to the model's: "
+            f"{some(report.cast)}; recorded in meta.json (source_dtypes), `flaxdet export` writes them back in "
+            "their dtype")
+    if report.nonfinite:
+        log(f"warning: {len(report.nonfinite)} tensors hold NaN/Inf values: {some(report.nonfinite)}; such a model "
+            "gives no (or meaningless) detections: check the source checkpoint")
+
+
 def convert_checkpoint(ckpt_path, config=None, out=None, fmt="orbax", strict=True, key_dialect="visdet",
-                       overwrite=False, log=print, num_classes=None):
-    """visdet checkpoint -> flaxdet model dir. Returns (out_dir, report). Writes nothing on failure."""
+                       overwrite=False, log=print, num_classes=None, classes=None):
+    """visdet checkpoint -> flaxdet model dir. Returns (out_dir, report). Writes nothing on failure. ``classes``:
+    class names to store instead of the checkpoint's (meta.dataset_meta.classes)."""
     if out is not None:
         check_model_dir_target(out, overwrite)  # before the work: --out a file, not writable, not a model dir
     ck = load_checkpoint(ckpt_path)
     for w in getattr(ck, "warnings", []) or []:
         log(f"warning: {w}")
     cfg = _config_for(ck, config, num_classes, log)
+    names = check_class_names(list(classes) if classes else ck.classes, cfg,
+                              "--classes" if classes else f"{ckpt_path} (meta.dataset_meta.classes)", log)
     model = build_detector(cfg)
     report = load_visdet_state_dict(model, ck.state_dict, strict=strict, key_dialect=key_dialect)
     renamed = dict(r.split(" -> ") for r in report.renamed)
+    for k, dt in getattr(ck, "source_dtypes", {}).items():  # widened on reading (bfloat16 .pth)
+        k = renamed.get(k, k)
+        report.cast.append(f"{k}: {dt} -> float32")
+        report.source_dtypes[k] = dt
+    _dtype_warnings(report, log)
     meta = dict(source=str(ckpt_path), source_format=ck.source_format,
                 key_order=[renamed.get(k, k) for k in ck.state_dict],
-                report=report.as_dict())
-    out_dir = save_model_dir(out, model, ck.classes, meta, fmt=fmt, overwrite=overwrite)
+                report=report.as_dict(), source_dtypes=report.source_dtypes,
+                nonfinite=len(report.nonfinite))
+    out_dir = save_model_dir(out, model, names, meta, fmt=fmt, overwrite=overwrite)
     return out_dir, report
 
 
 def export_model_dir(model_dir, out, log=print, key_dialect="visdet"):
     """flaxdet model dir -> visdet checkpoint (.pth runner-style with classes, or .safetensors); ``key_dialect``
-    "mmdet": upstream MMDetection's key spelling."""
+    "mmdet": upstream MMDetection's key spelling. Tensors the source checkpoint stored in another dtype (meta.json's
+    ``source_dtypes``, recorded at convert) are written back in it."""
     model, classes, meta = load_model_dir(model_dir)
-    sd = export_visdet_state_dict(model, meta.get("key_order"), key_dialect)
+    sd = export_visdet_state_dict(model, meta.get("key_order"), key_dialect, dtypes=meta.get("source_dtypes"))
     extra = {"flaxdet_export": {"config_yaml": dump_yaml(model.cfg)}}
     save_checkpoint(out, sd, classes=classes, meta=extra if str(out).endswith(".pth") else None)
     return Path(out), len(sd)
@@ -196,47 +246,115 @@ def _visdet_stages(cfg, checkpoint, img, meta):
     return {k: (v.cpu().numpy() if hasattr(v, "cpu") else np.asarray(v)) for k, v in stages.items()}
 
 
+def _overlay_names(paths):
+    """``<stem>.png`` per input; inputs sharing a stem (a/x.jpg, b/x.jpg, or one file twice) get ``<stem>-2.png``,
+    ``<stem>-3.png`` ... in input order, so no overlay overwrites another."""
+    seen, names = {}, []
+    for p in paths:
+        k = seen[p.stem] = seen.get(p.stem, 0) + 1
+        names.append(f"{p.stem}.png" if k == 1 else f"{p.stem}-{k}.png")
+    taken = set()
+    for i, n in enumerate(names):  # "x-2.png" could also be a real stem's name: go on counting
+        while n in taken:
+            stem, _, k = n[:-4].rpartition("-")
+            n = f"{stem}-{int(k) + 1}.png" if k.isdigit() and stem else f"{n[:-4]}-2.png"
+        taken.add(n)
+        names[i] = n
+    return names
+
+
+def _category_ids(meta, n_classes, log):
+    """COCO category ids a model dir keeps (meta.json ``category_ids``, one per class, written at training on a COCO
+    set), or None: then results carry the 0-based label."""
+    ids = (meta or {}).get("category_ids")
+    if ids is None:
+        return None
+    if (not isinstance(ids, list) or len(ids) != n_classes
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+        log(f"warning: the model directory's category_ids ({short_repr(ids)}) are not {n_classes} integers, one per "
+            "class; writing 0-based labels as category_id")
+        return None
+    return ids
+
+
 def run_infer(checkpoint, images, out_dir, config=None, scale=None, score_thr=0.3, batch_size=1,
               progress=True, log=print, bucket="exact", dtype=None, num_classes=None):
     """Detect on image files; write COCO-format results JSON (+ RLE masks) and overlay PNGs.
     ``dtype``: compute dtype ("bfloat16": mixed precision; see flaxdet.nn.set_compute_dtype); ``scale``: the
-    test resize (default: the model's, :func:`flaxdet.config.test_scale`)."""
-    model, classes = load_any_model(checkpoint, config, num_classes)
+    test resize (default: the model's, :func:`flaxdet.config.test_scale`).
+
+    Results are appended to ``OUT/results.jsonl`` (one line per image, flushed) as each batch finishes, so a crash
+    keeps what was done; at the end they are merged into ``results.json`` + ``images.json`` and the JSON lines file
+    is removed. ``category_id`` is the model directory's COCO category id when it keeps them (``category_ids`` in
+    meta.json), else the 0-based label. Raises CommandError when no input could be read."""
+    p = Path(checkpoint)
+    if p.is_dir():
+        model, classes, meta = load_model_dir(p)
+    else:
+        (model, classes), meta = load_any_model(checkpoint, config, num_classes), {}
+    n_cls = _num_classes(model.cfg)
+    classes = check_class_names(classes, model.cfg, f"{checkpoint}'s class names", log, strict=False)
+    cat_ids = _category_ids(meta, n_cls, log)
     scale = scale or test_scale(model.cfg)
     det = Detector(model, classes, dtype=dtype)
     out = Path(out_dir)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     paths = [Path(p) for p in images]
-    results, images_json = [], []
+    overlay_names = _overlay_names(paths)
+    results, images_json, skipped = [], [], []
+    partial = out / "results.jsonl"
     bar = tqdm(total=len(paths), desc="infer", unit="img", disable=not progress, file=sys.stderr)
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        originals, resized, metas = [], [], []
-        for p in chunk:
-            try:
-                im = load_image(p)
-            except ImageError as e:
-                log(f"skipping: {e}")
-                bar.update(1)
+    with open(partial, "w") as jl:
+        for start in range(0, len(paths), batch_size):
+            chunk = list(zip(paths, overlay_names))[start:start + batch_size]
+            originals, resized, metas = [], [], []
+            for p, name in chunk:
+                try:
+                    im = load_image(p)
+                except ImageError as e:
+                    log(f"skipping: {e}")
+                    skipped.append(str(p))
+                    bar.update(1)
+                    continue
+                r, m = resize_keep_ratio(im, scale)
+                originals.append((p, name, im))
+                resized.append(r)
+                metas.append(m)
+            if not resized:
                 continue
-            r, m = resize_keep_ratio(im, scale)
-            originals.append((p, im))
-            resized.append(r)
-            metas.append(m)
-        if not resized:
-            continue
-        for (p, im), d in zip(originals, det.detect(resized, metas, bucket=bucket)):
-            image_id = len(images_json) + 1
-            images_json.append(dict(id=image_id, file_name=str(p), height=im.shape[0], width=im.shape[1]))
-            for r in detections_to_coco(d, image_id, range(max(d["labels"], default=-1) + 1)):
-                if classes:
-                    r["category_name"] = classes[r["category_id"]]
-                results.append(r)
-            cv2.imwrite(str(out / "overlays" / f"{p.stem}.png"), draw_detections(im, d, classes, score_thr))
-            bar.update(1)
+            for (p, name, im), d in zip(originals, det.detect(resized, metas, bucket=bucket)):
+                image_id = len(images_json) + 1
+                info = dict(id=image_id, file_name=str(p), height=im.shape[0], width=im.shape[1],
+                            overlay=f"overlays/{name}")
+                rows = detections_to_coco(d, image_id, cat_ids or range(max(n_cls, max(d["labels"], default=-1) + 1)))
+                for r, lab in zip(rows, d["labels"]):
+                    if classes:
+                        r["category_name"] = classes[lab] if lab < len(classes) else str(int(lab))
+                cv2.imwrite(str(out / "overlays" / name), draw_detections(im, d, classes, score_thr))
+                jl.write(json.dumps(dict(image=info, results=rows)) + "\n")
+                images_json.append(info)
+                results += rows
+                bar.update(1)
+            jl.flush()
     bar.close()
-    (out / "results.json").write_text(json.dumps(results))
-    (out / "images.json").write_text(json.dumps(dict(images=images_json, classes=classes)))
+    if not images_json:
+        partial.unlink(missing_ok=True)
+        raise CommandError(f"none of the {len(paths)} input(s) could be read ({short_repr(skipped)}); give image "
+                           "files OpenCV can decode (a folder: FOLDER/*.jpg)")
+    _write_json_atomic(out / "results.json", results)
+    _write_json_atomic(out / "images.json", dict(images=images_json, classes=classes,
+                                                 category_ids=cat_ids, skipped=skipped))
+    partial.unlink()
     log(f"{len(results)} detections on {len(images_json)} image(s) -> {out / 'results.json'}; "
-        f"overlays in {out / 'overlays'}")
+        f"overlays in {out / 'overlays'}" + (f"; {len(skipped)} input(s) skipped" if skipped else ""))
     return results
+
+
+def _write_json_atomic(path, obj):
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(obj))
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

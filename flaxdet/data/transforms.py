@@ -29,6 +29,8 @@ class ImageError(ValueError):
 def load_image(path: str | Path) -> np.ndarray:
     """Decode an image file with OpenCV into (H, W, 3) uint8 BGR, as visdet's loader does."""
     p = Path(path)
+    if p.is_dir():
+        raise ImageError(f"{p} is a directory, not an image file (give the files: {p}/*.jpg)")
     if not p.is_file():
         raise ImageError(f"image not found: {p}")
     img = cv2.imread(str(p), cv2.IMREAD_COLOR)
