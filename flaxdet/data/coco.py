@@ -45,6 +45,40 @@ class Record:
     anns: list  # the raw annotations kept (for masks)
 
 
+def _short(x, limit=80) -> str:
+    text = repr(x)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _segmentation_problem(seg, h, w):
+    """What is wrong with an annotation's ``segmentation`` (polygons or RLE) for an h x w image, or None."""
+    if seg is None:
+        return None
+    if isinstance(seg, list):
+        if not seg:
+            return "empty segmentation list (no polygon)"
+        for poly in seg:
+            if not isinstance(poly, list) or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                     for v in poly):
+                return f"a polygon that is not a list of numbers ({_short(poly)})"
+            if len(poly) < 6 or len(poly) % 2:
+                return (f"a polygon of {len(poly)} numbers (a polygon is x1, y1, x2, y2, ... with at least 3 points: "
+                        "6 numbers)")
+            if not all(math.isfinite(v) for v in poly):
+                return "a polygon with non-finite coordinates"
+        return None
+    if isinstance(seg, dict):
+        size, counts = seg.get("size"), seg.get("counts")
+        if not (isinstance(size, list) and len(size) == 2) or not isinstance(counts, str | list):
+            return "an RLE needs 'size' [height, width] and 'counts'"
+        if [size[0], size[1]] != [h, w]:
+            return f"RLE size {_short(size)} differs from the image's [height, width] [{h}, {w}]"
+        if isinstance(counts, list) and sum(c for c in counts if isinstance(c, int)) != h * w:
+            return f"uncompressed RLE counts sum to {sum(c for c in counts if isinstance(c, int))}, not {h} x {w}"
+        return None
+    return f"segmentation is a {type(seg).__name__}, neither polygons (a list) nor an RLE (a dict)"
+
+
 class CocoDataset:
     def __init__(self, ann_file, img_dir=None, classes=None, min_size: float = 1.0, skip_empty: bool = False):
         from pycocotools import mask as mask_utils  # noqa: F401  (fail early if missing)
@@ -60,6 +94,14 @@ class CocoDataset:
         for key in ("images", "annotations", "categories"):
             if not isinstance(data.get(key), list):
                 raise DatasetError(f"{self.ann_file}: not a COCO instances file (no '{key}' list)")
+        if not data["categories"]:
+            raise DatasetError(f"{self.ann_file}: 'categories' is empty; list the dataset's categories "
+                               "([{\"id\": 1, \"name\": \"...\"}, ...])")
+        bad_cat = next((c for c in data["categories"] if not (isinstance(c, dict) and isinstance(c.get("id"), int)
+                                                            and isinstance(c.get("name"), str))), None)
+        if bad_cat is not None:
+            raise DatasetError(f"{self.ann_file}: malformed category {_short(bad_cat)}; each needs an integer "
+                               "'id' and a 'name'")
         cats = sorted(data["categories"], key=lambda c: c["id"])
         self.cat_ids = [c["id"] for c in cats]
         self.classes = list(classes) if classes else [c["name"] for c in cats]
@@ -73,8 +115,11 @@ class CocoDataset:
         for im in data["images"]:
             try:
                 iid, fname, h, w = im["id"], im["file_name"], int(im["height"]), int(im["width"])
-            except (KeyError, TypeError, ValueError):
-                raise DatasetError(f"{self.ann_file}: malformed image entry {im!r}") from None
+            except (KeyError, TypeError, ValueError, OverflowError):
+                raise DatasetError(f"{self.ann_file}: malformed image entry {_short(im)}; each needs 'id', "
+                                   "'file_name', 'height' and 'width'") from None
+            if h < 1 or w < 1:
+                raise DatasetError(f"{self.ann_file}: image {_short(fname)} has size {w}x{h}; fix its width/height")
             path = self.img_dir / fname
             if not path.is_file():
                 self._warn(f"missing image {path} (image id {iid}): skipped")
@@ -90,6 +135,13 @@ class CocoDataset:
                     x, y, bw, bh = (float(v) for v in a["bbox"])
                 except (KeyError, TypeError, ValueError):
                     raise DatasetError(f"{self.ann_file}: annotation {a.get('id')} has a malformed bbox") from None
+                if not all(math.isfinite(v) for v in (x, y, bw, bh)):
+                    raise DatasetError(f"{self.ann_file}: annotation {_short(a.get('id'))} (image {fname}) has a "
+                                       f"non-finite bbox {_short(a['bbox'])}; fix or remove the annotation")
+                problem = _segmentation_problem(a.get("segmentation"), h, w)
+                if problem:
+                    raise DatasetError(f"{self.ann_file}: annotation {_short(a.get('id'))} (image {fname}): {problem}; "
+                                       "fix it, or drop its 'segmentation' to train the mask on the box")
                 x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + bw, w), min(y + bh, h)
                 if x2 - x1 < min_size or y2 - y1 < min_size:
                     self._warn(f"annotation {a.get('id')} in {fname}: degenerate box {a['bbox']}: skipped")
@@ -105,7 +157,7 @@ class CocoDataset:
             raise DatasetError(f"{self.ann_file}: no usable images (see warnings: {self.warnings[:3]})")
 
     def _warn(self, msg):
-        self.warnings.append(msg)
+        self.warnings.append(msg[:500])
         warnings.warn(msg, stacklevel=3)
 
     def __len__(self):
