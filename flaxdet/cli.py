@@ -280,8 +280,8 @@ def cmd_eval(args):
                  progress=not args.no_progress, bucket=args.bucket)
     (out / "metrics.json").write_text(json.dumps(m, indent=1))
     for k in ("bbox_mAP", "bbox_mAP_50", "segm_mAP", "segm_mAP_50"):
-        if k in m:
-            print(f"{k:<14} {m[k]:.4f}")
+        if k in m:  # None: pycocotools' -1, undefined (the reason is in metrics["undefined"])
+            print(f"{k:<14} {m[k]:.4f}" if m[k] is not None else f"{k:<14} {m['undefined'][k]}")
     print(f"results: {out / 'results.json'}  metrics: {out / 'metrics.json'}")
     return 0
 

@@ -26,6 +26,23 @@ from flaxdet.inference import Detector
 
 STAT_NAMES = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l", "AR_1", "AR_10", "AR_100", "AR_s", "AR_m",
               "AR_l")
+_AREAS = {"s": "small (area < 32x32 px) ", "m": "medium (32x32 to 96x96 px) ", "l": "large (area > 96x96 px) "}
+
+
+def undefined_reason(name: str) -> str:
+    """Why pycocotools gives -1 for a statistic: no ground truth it could be computed on."""
+    area = _AREAS.get(name.rsplit("_", 1)[-1], "") if name.endswith(("_s", "_m", "_l")) else ""
+    return f"undefined: no {area}ground-truth objects (not crowd) in the evaluated images"
+
+
+def _empty_results(gt):
+    """A COCO results object with no detections (pycocotools' loadRes refuses an empty list)."""
+    dt = COCO()
+    dt.dataset = dict(images=list(gt.dataset.get("images", [])), categories=list(gt.dataset.get("categories", [])),
+                      annotations=[])
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt.createIndex()
+    return dt
 
 
 def _predict_fn(model, backend, classes, bucket="exact"):
@@ -65,7 +82,9 @@ def detections_to_coco(det, image_id, cat_ids):
 
 def evaluate(model, ann_file, img_dir=None, scale=None, backend="flaxdet", out_json=None, progress=True,
              max_images=None, bucket="exact"):
-    """``scale``: the test resize (default: the model's, :func:`flaxdet.config.test_scale`)."""
+    """``scale``: the test resize (default: the model's, :func:`flaxdet.config.test_scale`). A statistic pycocotools
+    cannot compute (its -1: no ground truth of that kind in the evaluated images) is None, with the reason in
+    ``metrics["undefined"]`` -- never a 0.0 that reads like a result."""
     scale = scale or test_scale(model.cfg)
     ds = CocoDataset(ann_file, img_dir)
 
@@ -85,20 +104,22 @@ def evaluate(model, ann_file, img_dir=None, scale=None, backend="flaxdet", out_j
         Path(out_json).write_text(json.dumps(results))
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(ann_file))
-    metrics = {}
+    metrics, undefined = {}, {}
     tasks = ["bbox"] + (["segm"] if results and "segmentation" in results[0] else [])
     for task in tasks:
-        if not results:
-            metrics.update({f"{task}_{n}": 0.0 for n in STAT_NAMES})
-            continue
         with contextlib.redirect_stdout(io.StringIO()):
-            dt = gt.loadRes(json.loads(json.dumps(results)))
+            dt = gt.loadRes(json.loads(json.dumps(results))) if results else _empty_results(gt)
             ev = COCOeval(gt, dt, task)
             ev.params.imgIds = ids
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
-        metrics.update({f"{task}_{n}": float(max(v, 0.0)) for n, v in zip(STAT_NAMES, ev.stats)})
+        for n, v in zip(STAT_NAMES, ev.stats):
+            key = f"{task}_{n}"
+            metrics[key] = float(v) if v > -1 else None
+            if v <= -1:
+                undefined[key] = undefined_reason(n)
+    metrics["undefined"] = undefined
     metrics["num_images"] = len(ids)
     metrics["num_detections"] = len(results)
     return metrics
