@@ -158,13 +158,21 @@ class Linear(nnx.Module):
 
 
 class BatchNorm2d(nnx.Module):
-    """torch.nn.BatchNorm2d over the last axis. visdet runs every BN in eval mode (norm_eval=True),
-    in training too: y = x * alpha + beta with alpha = weight / sqrt(var + eps) (torch's CPU form)."""
+    """torch.nn.BatchNorm2d over the last axis, y = x * alpha + beta with alpha = weight / sqrt(var + eps) (torch's
+    CPU form).
+
+    ``use_running_average`` (default True, a static attribute set by ``nnx.Module.train()`` / ``eval()`` or
+    :func:`set_bn_training`): the running statistics, as visdet's two-stage family always runs its BN
+    (``norm_eval=True``, in training too). False: torch's train mode -- the batch's mean and biased variance over
+    (N, H, W) normalise, and the running statistics move by ``momentum`` towards the mean and the *unbiased*
+    variance (``n / (n - 1)``); ``num_batches_tracked`` counts. Under ``jit`` with the batch sharded over a
+    ``data`` mesh axis the means are over the global batch: SyncBN's statistics."""
 
     TORCH_LAYOUT: dict = {}
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, *, rngs: nnx.Rngs | None = None):
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.use_running_average = True
         self.weight = nnx.Param(jnp.ones((num_features,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
         self.running_mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
@@ -172,10 +180,37 @@ class BatchNorm2d(nnx.Module):
         self.num_batches_tracked = Counter(jnp.zeros((), jnp.int32))
 
     def __call__(self, x):
-        invstd = jax.lax.rsqrt(self.running_var[...] + self.eps)
+        if self.use_running_average:
+            mean, var = self.running_mean[...], self.running_var[...]
+        else:
+            xf = x.astype(jnp.float32)
+            axes = tuple(range(x.ndim - 1))
+            n = math.prod(x.shape[:-1])
+            mean = jnp.mean(xf, axes)
+            var = jnp.mean(jnp.square(xf - mean), axes)
+            m, sg = self.momentum, jax.lax.stop_gradient
+            self.running_mean[...] = (1 - m) * self.running_mean[...] + m * sg(mean)
+            self.running_var[...] = (1 - m) * self.running_var[...] + m * sg(var) * (n / max(n - 1, 1))
+            self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
+        invstd = jax.lax.rsqrt(var + self.eps)
         alpha = invstd * self.weight[...]
-        beta = self.bias[...] - self.running_mean[...] * alpha
+        beta = self.bias[...] - mean * alpha
         return x * alpha.astype(x.dtype) + beta.astype(x.dtype)
+
+
+def set_bn_training(module, training: bool, skip=()):
+    """Put every :class:`BatchNorm2d` under ``module`` in train (batch statistics) or eval mode, except those
+    whose dotted path starts with one of ``skip`` (e.g. a ``norm_eval`` backbone). Returns how many changed."""
+    n = 0
+    for path, m in nnx.iter_graph(module):
+        if isinstance(m, BatchNorm2d):
+            dotted = ".".join(str(p) for p in path)
+            if any(dotted == s or dotted.startswith(s + ".") for s in skip):
+                continue
+            if m.use_running_average == training:
+                n += 1
+            m.use_running_average = not training
+    return n
 
 
 class GroupNorm(nnx.Module):
@@ -223,7 +258,9 @@ class Sequential(nnx.List):
 
 
 def relu(x):
-    return jnp.maximum(x, 0)
+    """max(x, 0) with torch's gradient at 0 (zero; ``jnp.maximum`` would split it 0.5 / 0.5 -- visible where a
+    whole map is 0, e.g. RTMDet-Ins dynamic convs on padding)."""
+    return jax.nn.relu(x)
 
 
 def max_pool2d(x, kernel_size, stride, padding=0):

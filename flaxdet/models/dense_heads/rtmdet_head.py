@@ -1,5 +1,6 @@
-"""RTMDetHead / RTMDetSepBNHead (visdet ``models/dense_heads/rtmdet_head.py``), inference: the towers, the
-predictors and :meth:`predict` (post-processing in :class:`~flaxdet.models.dense_heads.base_dense_head.BaseDenseHead`).
+"""RTMDetHead / RTMDetSepBNHead (visdet ``models/dense_heads/rtmdet_head.py``): the towers, the predictors,
+:meth:`predict` (post-processing in :class:`~flaxdet.models.dense_heads.base_dense_head.BaseDenseHead`) and the
+training losses :meth:`loss_by_feat` (visdet-rtmdet.md section 4).
 
 Shapes (NHWC; level l = 0, 1, 2 with stride s_l = 8, 16, 32 and H_l, W_l = Hp / s_l, Wp / s_l; F = feat_channels;
 C = num_classes, sigmoid classification, no background channel):
@@ -7,6 +8,10 @@ C = num_classes, sigmoid classification, no background channel):
   cls_scores[l]   (N, H_l, W_l, C)            raw logits
   bbox_preds[l]   (N, H_l, W_l, 4)            distances (left, top, right, bottom) in input pixels
   dets            bboxes (N, D, 4), scores (N, D), labels (N, D) int32, valid (N, D); D = test_cfg.max_per_img
+Training (P = sum_l H_l W_l priors, G = the batch's padded GT rows):
+  priors (P, 4) (x, y, stride, stride); valid (N, P) from each image's own pad_shape; decoded (N, P, 4) unclipped
+  targets labels (N, P) (C = background), label_weights (N, P) (= valid), bbox_targets (N, P, 4),
+  assign_metrics (N, P) (the IoU of a positive's detached prediction with its GT, else 0)
 
 RTMDetSepBNHead (the presets' head): per level ``cls_convs[l]`` / ``reg_convs[l]`` (``stacked_convs`` 3x3
 ConvModules) and 1x1 ``rtm_cls[l]`` / ``rtm_reg[l]``; ``reg = exp(rtm_reg(f)) * s`` with ``exp_on_reg``, else
@@ -20,11 +25,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from flaxdet.models.dense_heads.base_dense_head import BaseDenseHead
 from flaxdet.models.layers import ConvModule, DepthwiseSeparableConvModule
-from flaxdet.models.task_modules.coders.distance_point_bbox_coder import DistancePointBBoxCoder
+from flaxdet.models.losses import EPS, giou_loss, quality_focal_loss
+from flaxdet.models.task_modules.assigners.dynamic_soft_label_assigner import DynamicSoftLabelAssigner
+from flaxdet.models.task_modules.coders.distance_point_bbox_coder import DistancePointBBoxCoder, distance2bbox
 from flaxdet.models.task_modules.prior_generators.point_generator import MlvlPointGenerator
 from flaxdet.nn import Conv2d
 
@@ -69,6 +77,20 @@ class RTMDetHead(BaseDenseHead):
         self.strides = [s[0] for s in self.prior_generator.strides]
         self.with_objectness = cfg.with_objectness
         self._init_layers(rngs)
+
+    def _check_trainable(self):
+        c = self.cfg
+        for name, want in (("loss_cls", "QualityFocalLoss"), ("loss_bbox", "GIoULoss")):
+            if getattr(c, name).TYPE != want:
+                raise ValueError(f"{c.TYPE}: {name} {getattr(c, name).TYPE} is not supported in training ({want})")
+        if c.loss_cls.TYPE == "QualityFocalLoss" and (not c.loss_cls.use_sigmoid or c.loss_cls.activated):
+            raise ValueError(f"{c.TYPE}: QualityFocalLoss needs use_sigmoid=True and activated=False (as visdet)")
+        if c.train_cfg is None:
+            raise ValueError(f"{c.TYPE}: training needs a train_cfg (assigner)")
+        if c.train_cfg.assigner.TYPE != "DynamicSoftLabelAssigner":
+            raise ValueError(f"{c.TYPE}: assigner {c.train_cfg.assigner.TYPE} is not supported in training")
+        if c.train_cfg.allowed_border != -1:
+            raise ValueError(f"{c.TYPE}: train_cfg.allowed_border {c.train_cfg.allowed_border} is not supported (-1)")
 
     # -------------------------------------------------------------------------------------------------- layers
     def _tower(self, rngs, conv=ConvModule):
@@ -133,6 +155,79 @@ class RTMDetHead(BaseDenseHead):
         stages.update(s)
         stages.update({f"det.{k}": dets.pop(k) for k in ("keep", "priors")})
         return dets, stages
+
+
+    # ------------------------------------------------------------------------------------------------ training
+    def flat_priors(self, sizes):
+        """(P, 4) numpy priors (x, y, stride_w, stride_h), levels concatenated, and the level boundaries."""
+        pri = self.prior_generator.grid_priors(sizes, with_stride=True)
+        return jnp.asarray(np.concatenate(pri)), np.cumsum([0] + [len(q) for q in pri])
+
+    def get_targets(self, flat_cls, decoded, priors, valid, batch, gt_centers=None):
+        """visdet ``get_targets`` for the batch (predictions detached): per image the assigner over its valid
+        priors, then labels / label_weights / bbox_targets / assign_metrics over all priors (module doc)."""
+        assigner = DynamicSoftLabelAssigner(self.cfg.train_cfg.assigner)
+        sg = jax.lax.stop_gradient
+        gt_b, gt_l, gt_v = batch["gt_bboxes"], batch["gt_labels"], batch["gt_valid"]
+
+        def one(logits, dec, val, b, lab, v, ctr):
+            return assigner.assign(priors, val, dec, logits, b, lab, v, ctr)
+
+        if gt_centers is None:
+            a = jax.vmap(lambda *x: one(*x, None))(sg(flat_cls), sg(decoded), valid, gt_b, gt_l, gt_v)
+        else:
+            a = jax.vmap(one)(sg(flat_cls), sg(decoded), valid, gt_b, gt_l, gt_v, gt_centers)
+        pos = a["pos"]
+        labels = jnp.where(pos, a["labels"], self.cfg.num_classes)
+        bbox_targets = jnp.where(pos[..., None], jnp.take_along_axis(gt_b, a["assigned"][..., None], 1), 0.0)
+        metrics = jnp.where(pos, a["max_overlaps"], 0.0)
+        return dict(labels=labels, label_weights=valid.astype(jnp.float32), bbox_targets=bbox_targets,
+                    assign_metrics=metrics, pos=pos, assign=a)
+
+    def loss_by_feat(self, cls_scores, bbox_preds, batch, gt_centers=None):
+        """visdet ``loss_by_feat``: per level ``loss_cls`` (QualityFocalLoss against the IoU targets) and
+        ``loss_bbox`` (GIoU of the positives weighted by their IoU target), each ``sum / (1 + eps)`` and divided by
+        ``A = max(sum of the batch's assign_metrics, 1)`` (visdet's ``reduce_mean`` over processes: here the sum
+        runs over the whole global batch, which equals it -- see docs/training.md). Returns (losses with per-level
+        lists ``loss_cls`` / ``loss_bbox``, targets and intermediates)."""
+        self._check_trainable()
+        n = cls_scores[0].shape[0]
+        sizes = [c.shape[1:3] for c in cls_scores]
+        priors, bounds = self.flat_priors(sizes)
+        valid = jax.vmap(lambda ps: self.prior_generator.valid_flags(sizes, ps))(batch["pad_shapes"])
+        flat_cls = jnp.concatenate([c.reshape(n, -1, self.cls_out_channels) for c in cls_scores], 1)
+        flat_reg = jnp.concatenate([r.reshape(n, -1, 4) for r in bbox_preds], 1)
+        decoded = distance2bbox(priors[None, :, :2], flat_reg)  # (N, P, 4), no clamping
+        t = self.get_targets(flat_cls, decoded, priors, valid, batch, gt_centers)
+        pos = t["pos"]
+        c = self.cfg
+        # only the positives' boxes enter the GIoU: the others are swapped for a harmless box before the maths, so
+        # an overflowing prediction elsewhere cannot turn the gradient into NaN
+        unit = jnp.asarray([0.0, 0.0, 1.0, 1.0], decoded.dtype)
+        giou = giou_loss(jnp.where(pos[..., None], decoded, unit), jnp.where(pos[..., None], t["bbox_targets"], unit),
+                         c.loss_bbox.eps)
+        qfl = quality_focal_loss(flat_cls, t["labels"], t["assign_metrics"], c.loss_cls.beta) * t["label_weights"]
+        box = jnp.where(pos, giou * t["assign_metrics"], 0.0)
+        raw_cls, raw_bbox, parts = [], [], []
+        for lvl in range(len(sizes)):
+            sl = slice(int(bounds[lvl]), int(bounds[lvl + 1]))
+            raw_cls.append(c.loss_cls.loss_weight * (jnp.sum(qfl[:, sl]) / (1.0 + EPS)))
+            raw_bbox.append(c.loss_bbox.loss_weight * (jnp.sum(box[:, sl]) / (1.0 + EPS)))
+            parts.append(jnp.sum(t["assign_metrics"][:, sl]))
+        avg = jnp.maximum(sum(parts), 1.0)
+        losses = dict(loss_cls=[x / avg for x in raw_cls], loss_bbox=[x / avg for x in raw_bbox])
+        extra = dict(t, priors=priors, valid=valid, decoded=decoded, bounds=bounds, raw_cls=raw_cls,
+                     raw_bbox=raw_bbox, avg_parts=parts, avg_factor=avg)
+        return losses, extra
+
+    def loss(self, feats, batch, mask_rows=None):
+        """Head forward + :meth:`loss_by_feat`: (losses, extras)."""
+        cls_scores, bbox_preds = self(feats)
+        losses, extra = self.loss_by_feat(cls_scores, bbox_preds, batch)
+        return losses, dict(extra, cls_scores=cls_scores, bbox_preds=bbox_preds)
+
+    def mask_row_buckets(self):
+        return None
 
 
 class RTMDetSepBNHead(RTMDetHead):

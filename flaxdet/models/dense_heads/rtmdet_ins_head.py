@@ -1,5 +1,6 @@
-"""RTMDetInsHead / RTMDetInsSepBNHead and MaskFeatModule (visdet ``models/dense_heads/rtmdet_ins_head.py``),
-inference: the towers, the kernel branch, the mask features, the dynamic-conv masks and their post-processing.
+"""RTMDetInsHead / RTMDetInsSepBNHead and MaskFeatModule (visdet ``models/dense_heads/rtmdet_ins_head.py``): the
+towers, the kernel branch, the mask features, the dynamic-conv masks and their post-processing, and the training
+losses (RTMDetHead's plus the Dice mask loss, :meth:`RTMDetInsHead.loss_mask_by_feat`).
 
 Shapes (NHWC; level l = 0, 1, 2 with stride s_l = 8, 16, 32; Hp, Wp = the padded input; h, w = Hp / 8, Wp / 8;
 G = num_gen_params (169 for 8 prototypes, 8 dyconv channels, 3 dyconvs); D = test_cfg.max_per_img):
@@ -26,8 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flaxdet import fast_paths
 from flaxdet.models.dense_heads.rtmdet_head import RTMDetHead
 from flaxdet.models.layers import ConvModule
+from flaxdet.models.losses import EPS, dice_loss
+from flaxdet.models.task_modules.assigners.dynamic_soft_label_assigner import center_of_mass
 from flaxdet.nn import PRECISION, Conv2d, Sequential, exact_div, relu
 
 
@@ -206,6 +210,86 @@ class RTMDetInsHead(RTMDetHead):
         stages.update(s)
         stages.update({f"det.{k}": dets.pop(k) for k in ("keep", "priors", "kernels")})
         return dets, stages
+
+
+    # ------------------------------------------------------------------------------------------------ training
+    # visdet (and upstream) take the positives' kernels with indices into the image's *valid-prior* subset from the
+    # *full* kernel list (rtmdet_ins_head.py:589): wrong whenever an image's pad_shape is smaller than the batch.
+    # flaxdet indexes correctly; True reproduces visdet's numbers (the recorded goldens) -- parity only.
+    emulate_kernel_index_bug = False
+
+    def _check_trainable(self):
+        super()._check_trainable()
+        lm = self.cfg.loss_mask
+        if lm.TYPE != "DiceLoss" or not lm.use_sigmoid or not lm.activate:
+            raise ValueError(f"{self.cfg.TYPE}: loss_mask must be a sigmoid DiceLoss in training")
+        if self.strides[0] % self.cfg.mask_loss_stride:
+            raise ValueError(f"{self.cfg.TYPE}: mask_loss_stride {self.cfg.mask_loss_stride} must divide the "
+                             f"first stride {self.strides[0]}")
+
+    def mask_row_buckets(self):
+        """The mask loss's static positives per image (the train step picks one, see ``TrainState``; rows past
+        the image's priors are not computed): powers of two from 32, up to 13 positives for each of 2520 GT (an
+        image has at most ``topk`` = 13 positives per GT). None on the plain path: every prior's row."""
+        if not fast_paths.enabled("mask_row_buckets"):
+            return None
+        return tuple(32 * 2 ** i for i in range(11))
+
+    def loss_mask_by_feat(self, mask_feat, flat_kernels, priors, valid, targets, gt_masks, rows=None):
+        """visdet ``loss_mask_by_feat``: for every positive, its dynamic-conv mask logits (stride 8) from its prior
+        and kernel, bilinear x(8 / mask_loss_stride), against its GT mask sampled ``[s/2::s, s/2::s]``; Dice loss
+        summed over positives / ``max(number of positives, 1)``. ``rows`` (static): positives per image computed
+        (the first ``rows`` in prior order; None: all P). Returns (loss, stages, most positives in an image)."""
+        n, p = targets["pos"].shape
+        rows = p if rows is None else min(rows, p)
+        pos = targets["pos"]
+        npos = jnp.sum(pos, 1)
+        order = jnp.argsort(~pos, axis=1, stable=True)[:, :rows]  # positives first, ascending prior index
+        row_valid = jnp.arange(rows)[None] < npos[:, None]
+        kidx = order
+        if self.emulate_kernel_index_bug:  # the valid-subset index of each positive, used on the full list
+            subset = jnp.cumsum(valid.astype(jnp.int32), 1) - 1
+            kidx = jnp.take_along_axis(subset, order, 1)
+        kernels = jnp.take_along_axis(flat_kernels, kidx[..., None], 1)  # (N, R, K)
+        pri = priors[order]  # (N, R, 4)
+        logits = jax.vmap(self.mask_logits)(mask_feat, kernels, pri)  # (N, R, h, w)
+        h, w = logits.shape[-2:]
+        f = self.strides[0] // self.cfg.mask_loss_stride
+        up = interpolate_bilinear_scale(logits, f)
+        st = self.cfg.mask_loss_stride
+        gt_small = gt_masks[:, :, st // 2::st, st // 2::st]  # (N, G, H/s, W/s)
+        gt_idx = jnp.take_along_axis(targets["assign"]["assigned"], order, 1)  # (N, R)
+        tgt = jnp.take_along_axis(gt_small, gt_idx[:, :, None, None], 1)
+        tgt = tgt[:, :, : up.shape[2], : up.shape[3]]
+        lm = self.cfg.loss_mask
+        per = dice_loss(jax.nn.sigmoid(up).reshape(n * rows, -1), tgt.reshape(n * rows, -1), lm.eps, lm.naive_dice)
+        per = jnp.where(row_valid.reshape(-1), per, 0.0)
+        num_pos = jnp.maximum(jnp.sum(npos).astype(jnp.float32), 1.0)
+        loss = lm.loss_weight * (jnp.sum(per) / (num_pos + EPS))
+        stages = dict(mask_rows=order, mask_row_valid=row_valid, mask_pos_logits=logits, mask_pos_kernels=kernels,
+                      mask_pos_priors=pri, mask_loss_pred_logits=up, mask_loss_target=tgt, mask_loss_avg_factor=num_pos)
+        return loss, stages, jnp.max(npos)
+
+    def loss(self, feats, batch, mask_rows=None):
+        """Head forward, :meth:`loss_by_feat` (GT centres: the masks' centres of mass) and the mask loss."""
+        cls_scores, bbox_preds, kernel_preds, mask_feat = self(feats)
+        gt_masks = batch["gt_masks"]
+        centers = jax.vmap(center_of_mass)(gt_masks)
+        losses, extra = self.loss_by_feat(cls_scores, bbox_preds, batch, gt_centers=centers)
+        n = cls_scores[0].shape[0]
+        flat_k = jnp.concatenate([k.reshape(n, -1, self.num_gen_params) for k in kernel_preds], 1)
+        loss_mask, ms, need = self.loss_mask_by_feat(mask_feat, flat_k, extra["priors"], extra["valid"], extra,
+                                                     gt_masks, mask_rows)
+        losses["loss_mask"] = loss_mask
+        return losses, dict(extra, **ms, cls_scores=cls_scores, bbox_preds=bbox_preds, kernel_preds=kernel_preds,
+                            mask_feats=mask_feat, mask_rows_needed=need)
+
+
+def interpolate_bilinear_scale(x, factor):
+    """F.interpolate(x, scale_factor=factor, mode='bilinear', align_corners=False) on the last two axes."""
+    h, w = x.shape[-2:]
+    return resize_bilinear(x, linear_taps(h, h * factor, h * factor, factor),
+                           linear_taps(w, w * factor, w * factor, factor))
 
 
 class RTMDetInsSepBNHead(RTMDetInsHead):

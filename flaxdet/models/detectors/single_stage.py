@@ -1,5 +1,5 @@
 """SingleStageDetector (visdet ``models/detectors/single_stage.py``): data_preprocessor, backbone, neck and a
-dense ``bbox_head``, inference only.
+dense ``bbox_head``; :meth:`~SingleStageDetector.predict` and the training :meth:`~SingleStageDetector.loss`.
 
 ``predict`` is one static-shape function of (images, img_shapes, scale_factors) -> padded detections, with the
 conventions of :class:`~flaxdet.models.detectors.two_stage.TwoStageDetector` (so :class:`flaxdet.inference.Detector`
@@ -8,6 +8,7 @@ runs it): images (N, Hp, Wp, 3) uint8 padded to a multiple of ``pad_size_divisor
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
 from flax import nnx
 
 from flaxdet.models.data_preprocessors.data_preprocessor import DetDataPreprocessor
@@ -33,6 +34,38 @@ class SingleStageDetector(nnx.Module):
     def with_mask(self) -> bool:
         """The head predicts instance masks (``predict`` then needs ``canvas_hw``)."""
         return isinstance(self.bbox_head, RTMDetInsHead)
+
+    def mask_row_buckets(self):
+        """The training mask branch's static row counts per image, or None (no mask branch, or every row)."""
+        return self.bbox_head.mask_row_buckets()
+
+    def loss(self, batch, key=None, inject=None, with_stages=False, mask_rows=None):
+        """Total loss and visdet's log dict (``loss_cls``, ``loss_bbox`` -- visdet's per-level lists summed, as its
+        ``parse_losses`` does -- ``loss_mask`` with a mask head, ``loss``). ``batch`` as the two-stage family's
+        (:func:`flaxdet.data.transforms.pad_ground_truth` plus images, img_shapes, pad_shapes); the GT masks
+        (N, G, Hp, Wp) are read by mask heads only. Nothing is random (``key``, ``inject`` unused: the assigner is
+        deterministic). ``mask_rows`` (static): positives per image the mask loss runs on (None: all priors); the
+        logs then hold ``mask_rows_needed``. BN layers in train mode (:func:`flaxdet.nn.set_bn_training`) update
+        their running statistics in place. Returns (total, logs) or, ``with_stages``, (total, (logs, stages))."""
+        del key, inject
+        x = self.data_preprocessor(batch["images"], batch["img_shapes"])
+        feats, neck = self.extract_feat(x)
+        losses, extra = self.bbox_head.loss(neck, batch, mask_rows)
+        logs = {k: (sum(v) if isinstance(v, list) else v) for k, v in losses.items()}
+        total = sum(logs.values())
+        logs["loss"] = total
+        if mask_rows is not None and "mask_rows_needed" in extra:
+            logs["mask_rows_needed"] = extra["mask_rows_needed"].astype(jnp.int32)
+        if not with_stages:
+            return total, logs
+        stages = {"preprocessed": x}
+        stages.update({f"backbone.{i}": f for i, f in enumerate(feats)})
+        stages.update({f"neck.{i}": f for i, f in enumerate(neck)})
+        for name, v in losses.items():
+            if isinstance(v, list):
+                stages.update({f"{name}.{lvl}": t for lvl, t in enumerate(v)})
+        stages.update({k: v for k, v in extra.items() if k != "bounds"})
+        return total, (logs, stages)
 
     def extract_feat(self, x):
         feats = self.backbone(x)

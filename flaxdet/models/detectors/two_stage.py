@@ -57,6 +57,10 @@ class TwoStageDetector(nnx.Module):
         feats = self.backbone(x) if key is None else self.backbone(x, key=key)
         return feats, (self.neck(feats) if self.neck is not None else feats)
 
+    def mask_row_buckets(self):
+        """The training mask branch's static row counts per image, or None without masks."""
+        return self.roi_head.mask_row_buckets()
+
     def loss(self, batch, key, inject=None, with_stages=False, mask_rows=None):
         """Total loss and visdet's log dict (loss_rpn_cls, loss_rpn_bbox, loss_cls, acc, loss_bbox, loss_mask,
         loss; Cascade: ``s{k}.*`` per stage). ``batch``: images (N, Hp, Wp, 3) uint8, img_shapes / pad_shapes
