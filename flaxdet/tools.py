@@ -20,7 +20,6 @@ from flaxdet.config import (
     parse_model_config,
     short_repr,
     test_scale,
-    to_dict,
     with_num_classes,
 )
 from flaxdet.data.transforms import ImageError, load_image, prepare_test_image, resize_keep_ratio
@@ -166,14 +165,22 @@ def run_parity(config, checkpoint, image, against="reference", out_dir="parity_o
     """Run flaxdet and the PyTorch side on one image; returns (rows, report dict). ``scale``: the test resize
     (default: the model's, :func:`flaxdet.config.test_scale`). Two-stage models compare every stage through the
     RoI heads; one-stage (RTMDet) models the preprocessed input, backbone, neck, dense head outputs and
-    detections (RTMDet-Ins: masks and the first detections' mask logits), see :mod:`flaxdet.parity.harness`."""
+    detections (RTMDet-Ins: masks and the first detections' mask logits), see :mod:`flaxdet.parity.harness`.
+
+    ``against="visdet"``: the installed visdet builds the model from the user's config as written (see
+    :func:`visdet_model_config`) and loads the same tensors."""
+    if against == "visdet":
+        _import_visdet()  # before the work: not installed is one error line
     ck = load_checkpoint(checkpoint)
     cfg = _config_for(ck, config, num_classes, log)
     img, meta = prepare_test_image(image, scale or test_scale(cfg))
     model = build_detector(cfg)  # first: a checkpoint that does not fit the config is a ConversionError here
     load_visdet_state_dict(model, ck.state_dict)
+    visdet_source = None
     if against == "visdet":
-        theirs = _visdet_stages(cfg, checkpoint, img, meta)
+        visdet_cfg, visdet_source = visdet_model_config(config, ck, cfg)
+        log(f"visdet builds the model from {visdet_source}")
+        theirs = _visdet_stages(visdet_cfg, cfg, ck.state_dict, img, meta)
     elif against == "reference":
         import torch
 
@@ -199,6 +206,7 @@ def run_parity(config, checkpoint, image, against="reference", out_dir="parity_o
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = dict(config=str(config), checkpoint=str(checkpoint), image=str(image), against=against,
+                  visdet_config=visdet_source,
                   img_shape=list(meta["img_shape"]), ori_shape=list(meta["ori_shape"]),
                   passed=all(r.passed for r in rows), stages=[r.as_dict() for r in rows])
     (out / "parity.json").write_text(json.dumps(report, indent=1, default=float))
@@ -208,42 +216,147 @@ def run_parity(config, checkpoint, image, against="reference", out_dir="parity_o
     return rows, report
 
 
-def _visdet_stages(cfg, checkpoint, img, meta):
-    """Hook the user's installed visdet (same module names as reference/, so the same stages)."""
+def _import_visdet():
     try:
-        from visdet.apis import init_detector  # noqa: F401
+        from visdet import models as _  # noqa: F401  (registers visdet's modules)
+        from visdet.engine.config import Config
     except Exception as e:  # ImportError or a broken install
         raise CommandError(
             f"--against visdet: visdet is not importable here ({type(e).__name__}: {str(e)[:200]}); "
             "install visdet in this environment, or use --against reference (flaxdet's PyTorch mirror of "
             "visdet, itself checked against recorded visdet outputs)") from None
-    import tempfile
+    return Config
 
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-        f.write(f"model = {to_dict(cfg)!r}\n")
-    model = init_detector(f.name, str(checkpoint), device="cpu")
+
+def visdet_model_config(config, checkpoint, cfg):
+    """The model config visdet builds, as the user wrote it: the YAML file read by visdet's own loader
+    (``Config.fromfile``: its ``_base_`` chain as visdet merges it), visdet's own preset of that name, or the
+    ``model`` dict of a runner checkpoint's ``meta.cfg`` (parsed without executing it). Never flaxdet's dataclass
+    dump. Returns (visdet ConfigDict, where it came from). ``preset_meta`` is dropped as visdet's own runner and
+    inferencer do; an RTMDet head without ``num_classes`` (visdet's presets leave it out) gets the checkpoint's,
+    as flaxdet resolved it."""
+    Config = _import_visdet()
+    if config is not None and Path(config).is_file():
+        d, source = Config.fromfile(str(config)).to_dict(), str(config)
+    elif config is not None:
+        from visdet.presets.registry import MODEL_PRESETS
+
+        if str(config) not in MODEL_PRESETS:
+            raise CommandError(f"--against visdet: visdet has no preset {str(config)!r} (its presets: "
+                               f"{short_repr(sorted(MODEL_PRESETS.list()))}); pass the model's YAML file as --config")
+        d, source = Config(MODEL_PRESETS.get(str(config))).to_dict(), f"visdet preset {config}"
+    elif checkpoint.model_cfg is not None:
+        d, source = dict(checkpoint.model_cfg), f"{checkpoint.path} (meta.cfg)"
+    else:
+        raise ConfigError(f"{checkpoint.path} carries no model config (meta.cfg); pass --config")
+    if "model" in d and "type" not in d:
+        d = dict(d["model"])
+    d.pop("preset_meta", None)
+    head = d.get("bbox_head")
+    if not is_two_stage(cfg) and isinstance(head, dict) and head.get("num_classes") is None:
+        d["bbox_head"] = dict(head, num_classes=cfg.bbox_head.num_classes)
+        source += f" (bbox_head.num_classes {cfg.bbox_head.num_classes} from the checkpoint)"
+    return Config(d), source
+
+
+def _visdet_stages(model_cfg, cfg, state_dict, img, meta):
+    """Run the user's installed visdet -- the model built from ``model_cfg`` (see :func:`visdet_model_config`), the
+    checkpoint's tensors loaded strictly -- on the same resized image and metadata, hooking the stages the harness
+    compares (preprocessed input, backbone, neck, RPN / dense head outputs, proposals, RoI features and heads,
+    detections)."""
+    import copy
+
+    import torch
+    from visdet.engine.model.utils import revert_sync_batchnorm
+    from visdet.engine.registry import init_default_scope
+    from visdet.registry import MODELS
+    from visdet.structures import DetDataSample
+
+    init_default_scope("visdet")
+    try:
+        model = revert_sync_batchnorm(MODELS.build(copy.deepcopy(model_cfg)))
+    except Exception as e:
+        raise CommandError(f"--against visdet: visdet cannot build the model from the config "
+                           f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+    res = model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, strict=False)
+    if res.missing_keys or res.unexpected_keys:
+        raise CommandError(f"--against visdet: the checkpoint does not fit visdet's model: missing "
+                           f"{short_repr(res.missing_keys)}, unexpected {short_repr(res.unexpected_keys)}")
+    model.eval()
     stages, hooks = {}, []
 
-    def keep(name):
+    def keep(fn):
         def hook(_m, _i, out):
-            outs = out if isinstance(out, tuple | list) else (out,)
-            for i, o in enumerate(outs):
-                if hasattr(o, "detach"):
-                    stages[f"{name}.{i}" if len(outs) > 1 else name] = o.detach()
+            fn(out)
         return hook
 
-    for name in ("backbone", "neck"):
-        hooks.append(getattr(model, name).register_forward_hook(keep(name)))
-    from visdet.apis import inference_detector
+    def levels(prefix, outs):
+        stages.update({f"{prefix}.{i}": o for i, o in enumerate(outs)})
 
-    res = inference_detector(model, img)
-    for h in hooks:
-        h.remove()
-    inst = res.pred_instances
+    def first(name):
+        def put(out):
+            stages.setdefault(name, out)
+        return put
+
+    def on(module, fn):
+        if module is not None:
+            hooks.append(module.register_forward_hook(keep(fn)))
+
+    on(model.data_preprocessor, lambda out: stages.__setitem__("preprocessed", out["inputs"]))
+    on(model.backbone, lambda out: levels("backbone", out))
+    on(getattr(model, "neck", None), lambda out: levels("neck", out))
+    two_stage = is_two_stage(cfg)
+    if two_stage:
+        def rpn(out):
+            levels("rpn_head.cls_score", out[0])
+            levels("rpn_head.bbox_pred", out[1])
+
+        on(model.rpn_head, rpn)
+        rh = model.roi_head
+        predict = rh.predict
+
+        def roi_predict(x, rpn_results_list, *a, **k):
+            stages["proposals.bboxes"] = rpn_results_list[0].bboxes
+            stages["proposals.scores"] = rpn_results_list[0].scores
+            return predict(x, rpn_results_list, *a, **k)
+
+        rh.predict = roi_predict
+        if not isinstance(rh.bbox_head, torch.nn.ModuleList):  # Cascade: its per-stage rows are not hooked
+            on(rh.bbox_roi_extractor, first("bbox_roi_extractor"))
+
+            def bbox_head(out):
+                stages.setdefault("bbox_head.cls_score", out[0])
+                stages.setdefault("bbox_head.bbox_pred", out[1])
+
+            on(rh.bbox_head, bbox_head)
+            if getattr(rh, "with_mask", False):
+                if not getattr(rh, "share_roi_extractor", False):
+                    on(rh.mask_roi_extractor, first("mask_roi_extractor"))
+                on(rh.mask_head, first("mask_head.mask_preds"))
+    else:
+        def dense(out):
+            for name, per_level in zip(("cls_scores", "bbox_preds", "kernel_preds"), out):
+                levels(name, per_level)
+            if len(out) > 3:
+                stages["mask_feats"] = out[3]
+
+        on(model.bbox_head, dense)
+    h, w = meta["img_shape"][:2]
+    sf = tuple(float(v) for v in meta["scale_factor"])
+    sf = sf[:2] * 2 if two_stage else sf[:2]  # visdet's Resize: (w, h, w, h); its RTMDet heads take (w, h) only
+    sample = DetDataSample(metainfo=dict(img_shape=(h, w), ori_shape=tuple(meta["ori_shape"][:2]), scale_factor=sf))
+    data = dict(inputs=[torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).contiguous()],
+                data_samples=[sample])
+    try:
+        with torch.inference_mode():
+            inst = model.test_step(data)[0].pred_instances
+    finally:
+        for hk in hooks:
+            hk.remove()
     stages.update({"det.bboxes": inst.bboxes, "det.scores": inst.scores, "det.labels": inst.labels})
-    if hasattr(inst, "masks"):
+    if "masks" in inst:
         stages["det.masks"] = inst.masks
-    return {k: (v.cpu().numpy() if hasattr(v, "cpu") else np.asarray(v)) for k, v in stages.items()}
+    return {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)) for k, v in stages.items()}
 
 
 def _overlay_names(paths):
