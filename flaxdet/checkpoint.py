@@ -2,7 +2,10 @@
 
     DIR/
       config.yaml          the model config in visdet's YAML schema (so it can go back to visdet)
-      meta.json            class names, source checkpoint, key order, conversion report, format
+      meta.json            class names, source checkpoint, key order, conversion report, format; optional:
+                           source_dtypes ({key: dtype} the source stored other than float32: export restores
+                           them), category_ids (the training set's COCO category id of each class, in label
+                           order: infer writes them as category_id; 0-based labels without)
       params/              orbax checkpoint of the model's variables   (format "orbax", default)
       model.safetensors    flat file, visdet key names, torch layouts  (format "safetensors")
 
