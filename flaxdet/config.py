@@ -928,12 +928,51 @@ def _check_honoured(cfg: Cfg, path: str, source: str, training: bool = False) ->
                               f"set it to {accepted}")
 
 
+def _check_rtmdet_trainable(cfg, source: str) -> None:
+    """What RTMDet training implements (visdet-rtmdet.md section 4): the RTMDet(Ins)SepBNHead / RTMDet(Ins)Head
+    losses QualityFocalLoss (sigmoid, not pre-activated), GIoULoss and (Ins) DiceLoss, the DynamicSoftLabelAssigner
+    over every valid prior (``allowed_border: -1``)."""
+    head = cfg.bbox_head
+    want = {"loss_cls": QualityFocalLossCfg, "loss_bbox": GIoULossCfg}
+    if isinstance(head, RTMDetInsSepBNHeadCfg):
+        want["loss_mask"] = DiceLossCfg
+    for name, kind in want.items():
+        if not isinstance(getattr(head, name), kind):
+            raise ConfigError(f"{_where(f'bbox_head.{name}', source)}: flaxdet trains RTMDet with {kind.TYPE} only "
+                              f"(got {getattr(head, name).TYPE})")
+    if not head.loss_cls.use_sigmoid or head.loss_cls.activated:
+        raise ConfigError(f"{_where('bbox_head.loss_cls', source)}: QualityFocalLoss trains with use_sigmoid: true "
+                          "and activated: false only (as visdet's)")
+    for name in want:
+        if getattr(getattr(head, name), "reduction", "mean") != "mean":
+            raise ConfigError(f"{_where(f'bbox_head.{name}.reduction', source)}: flaxdet does not honour this field "
+                              "(visdet: an unreduced or summed loss); set it to 'mean'")
+    if "loss_mask" in want and (not head.loss_mask.use_sigmoid or not head.loss_mask.activate
+                                or head.loss_mask.naive_dice):
+        raise ConfigError(f"{_where('bbox_head.loss_mask', source)}: DiceLoss trains with use_sigmoid: true, "
+                          "activate: true and naive_dice: false only (the presets' values)")
+    tc = cfg.train_cfg or head.train_cfg
+    if tc is None:
+        raise ConfigError(f"{_where('train_cfg', source)}: RTMDet training needs a train_cfg (the assigner)")
+    if not isinstance(tc.assigner, DynamicSoftLabelAssignerCfg):
+        raise ConfigError(f"{_where('train_cfg.assigner', source)}: flaxdet trains RTMDet with the "
+                          f"DynamicSoftLabelAssigner only (got {tc.assigner.TYPE})")
+    if tc.assigner.iou_calculator not in (None, {"type": "BboxOverlaps2D"}):
+        raise ConfigError(f"{_where('train_cfg.assigner.iou_calculator', source)}: flaxdet does not honour this "
+                          "field (visdet: scaled or fp16 IoUs); set it to None or {type: BboxOverlaps2D}")
+    if tc.allowed_border != -1:
+        raise ConfigError(f"{_where('train_cfg.allowed_border', source)}: flaxdet does not honour this field "
+                          "(visdet: priors outside the image border excluded); set it to -1")
+
+
 def check_trainable(cfg, source: str = "the model's config") -> None:
     """Raise a ConfigError naming the first field of ``cfg`` (a parsed model config) that flaxdet's training
     does not honour (``TRAIN_ONLY`` entries of ``UNHONOURED``); called when training is set up."""
-    if not is_two_stage(cfg):
-        raise ConfigError(f"{source}: flaxdet does not train {cfg.TYPE} models yet (conversion, parity and "
-                          "inference work; fine-tuning is the two-stage family's for now)")
+    if isinstance(cfg, RTMDetCfg):
+        _check_rtmdet_trainable(cfg, source)
+    elif not is_two_stage(cfg):
+        raise ConfigError(f"{source}: flaxdet does not train {cfg.TYPE} models (the two-stage family, RTMDet and "
+                          "RTMDet-Ins train; conversion, parity and inference work for all)")
 
     def walk(c, path):
         _check_honoured(c, path, source, training=True)

@@ -238,24 +238,63 @@ def collate(samples, bucket, max_gt, divisor=32):
 class TrainLoader:
     """Deterministic, resumable batches: epoch e uses permutation(seed, e); sample i of step s flips
     by a hash of (seed, s, i). ``batches(start_step)`` yields (step, batch) from any step, decoded in a
-    background thread (``prefetch`` batches ahead) so the device is not waiting on OpenCV."""
+    background thread (``prefetch`` batches ahead) so the device is not waiting on OpenCV.
+
+    An image that cannot be read at training time (undecodable, or gone since the dataset was indexed) is skipped
+    with a warning naming it, once: its slot takes the next readable image of the epoch's order (deterministic, so
+    a resumed run sees the same batches). ``skipped[step]`` lists the images step ``step`` skipped (the train loop
+    records the count in its metrics); ``bad`` holds every unreadable record index seen."""
 
     def __init__(self, ds: CocoDataset, batch_size, scale, max_gt=100, seed=0, flip_prob=0.5, prefetch=2,
                  with_masks=True):
         self.ds, self.batch_size, self.scale, self.max_gt = ds, batch_size, tuple(scale), max_gt
         self.seed, self.flip_prob, self.prefetch, self.with_masks = seed, flip_prob, prefetch, with_masks
         self.steps_per_epoch = max(1, len(ds) // batch_size)
+        self.skipped: dict[int, list[str]] = {}
+        self.bad: set[int] = set()
 
     def indices(self, step):
         epoch, k = divmod(step, self.steps_per_epoch)
         perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.ds))
         return perm[k * self.batch_size:(k + 1) * self.batch_size], epoch
 
+    def _load(self, i, flip, step, note=True):
+        """Record ``i``'s sample, or None (warned once; noted in ``skipped[step]`` with ``note``) when its image is
+        unreadable."""
+        from flaxdet.data.transforms import ImageError
+
+        rec = self.ds.records[i]
+        if i not in self.bad:
+            try:
+                return load_train_sample(self.ds, rec, self.scale, flip, self.with_masks)
+            except ImageError as e:
+                self.bad.add(i)
+                warnings.warn(f"{e}: skipped (training continues without it)", stacklevel=2)
+        if note:
+            self.skipped.setdefault(step, []).append(str(rec.path))
+        return None
+
     def make_batch(self, step):
         idx, epoch = self.indices(step)
         rng = np.random.default_rng([self.seed, 1, step])
-        samples = [load_train_sample(self.ds, self.ds.records[i], self.scale, rng.uniform() < self.flip_prob,
-                                     self.with_masks) for i in idx]
+        flips = [rng.uniform() < self.flip_prob for _ in idx]
+        samples = [self._load(i, f, step) for i, f in zip(idx, flips)]
+        if any(s is None for s in samples):  # fill the slots with the next readable images of the epoch's order
+            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.ds))
+            start = int(np.flatnonzero(perm == idx[-1])[0]) + 1
+            candidates = (int(perm[(start + j) % len(perm)]) for j in range(len(perm)))
+            used = set(int(i) for i in idx)
+            for slot, s in enumerate(samples):
+                while s is None:
+                    j = next(candidates, None)
+                    if j is None:
+                        raise DatasetError(f"{self.ds.ann_file}: no readable image left to fill a batch "
+                                           f"(unreadable: {len(self.bad)} of {len(self.ds)})")
+                    if j in used or j in self.bad:
+                        continue
+                    used.add(j)
+                    s = self._load(j, flips[slot], step, note=False)  # counted where it has its own slot
+                samples[slot] = s
         # one bucket per batch: the orientation of the first image decides, others are resized to fit
         bucket = bucket_for(samples[0][2]["img_shape"], self.scale)
         fitted = []

@@ -75,6 +75,9 @@ def test_kill_and_resume_equals_uninterrupted(setup):
     assert np.array_equal(a["backbone.conv1.weight"], src["backbone.conv1.weight"])
     assert np.array_equal(a["backbone.layer1.0.conv1.weight"], src["backbone.layer1.0.conv1.weight"])
     assert np.array_equal(a["backbone.bn1.running_mean"], src["backbone.bn1.running_mean"])
+    # the two-stage family's BN never trains (norm_eval): no statistic or counter moved anywhere
+    stats = [k for k in src if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert stats and all(np.array_equal(a[k], src[k]) for k in stats)
     assert not np.array_equal(a["backbone.layer2.0.conv1.weight"], src["backbone.layer2.0.conv1.weight"])
 
 
