@@ -108,6 +108,17 @@ def test_family_mismatch_is_one_clear_error():
         _config_for(two, "rtmdet_s")
 
 
-def test_training_rtmdet_is_one_clear_error():
-    with pytest.raises(ConfigError, match="does not train RTMDet models yet"):
-        check_trainable(load_config("rtmdet_tiny"))
+def test_rtmdet_trainable_and_what_training_refuses():
+    """RTMDet / RTMDet-Ins presets train; a loss, assigner or allowed_border training does not implement is one
+    error naming the field."""
+    check_trainable(load_config("rtmdet_tiny"))
+    ins = load_config("rtmdet_ins_tiny")
+    check_trainable(ins)
+    bad = dataclasses.replace(ins, bbox_head=dataclasses.replace(
+        ins.bbox_head, loss_mask=dataclasses.replace(ins.bbox_head.loss_mask, naive_dice=True)))
+    with pytest.raises(ConfigError, match="'bbox_head.loss_mask' in .*naive_dice: false"):
+        check_trainable(bad)
+    tc = load_config("rtmdet_tiny").train_cfg
+    bad = dataclasses.replace(load_config("rtmdet_tiny"), train_cfg=dataclasses.replace(tc, allowed_border=0))
+    with pytest.raises(ConfigError, match="'train_cfg.allowed_border'.*set it to -1"):
+        check_trainable(bad)
