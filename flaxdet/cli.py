@@ -265,6 +265,8 @@ def cmd_infer(args):
 def cmd_train(args):
     from flaxdet.api import TrainConfig, train
 
+    if args.ema_once_per_tensor and not args.ema:
+        raise UsageError("--ema-once-per-tensor sets how the EMA treats shared tensors: add --ema")
     cfg = TrainConfig(args.checkpoint, args.ann, args.out, img_dir=args.images, steps=args.steps,
                       batch_size=args.batch_size, scale=_scale(args.scale),  # None: the model's test scale
                       optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
