@@ -22,6 +22,10 @@ name                what (module)                                               
                     positives / detections, chosen on the host, a training step
                     re-run when its positives overflow (:mod:`.mask_rows`);
                     plain: every row
+``mask_paste_windows`` each detection's mask pasted on a static window around    on      off
+                    its box, windows bucketed by size, bit-identical
+                    (:mod:`.mask_paste_windows`); plain: over the whole canvas
+                    (:mod:`flaxdet.ops.mask_paste`)
 ==================  ==========================================================  ======  ========
 
 On CPU each was measured faster (figures in each module and in ``docs/performance.md``); on GPU and TPU
@@ -37,7 +41,8 @@ from __future__ import annotations
 import contextlib
 import os
 
-NAMES = ("conv_vjp", "conv1x1_matmul", "depthwise_taps", "roi_align_tiers", "mask_row_buckets")
+NAMES = ("conv_vjp", "conv1x1_matmul", "depthwise_taps", "roi_align_tiers", "mask_row_buckets",
+         "mask_paste_windows")
 DEFAULTS = {"cpu": frozenset(NAMES), "gpu": frozenset(), "cuda": frozenset(), "rocm": frozenset(),
             "tpu": frozenset()}
 ENV = "FLAXDET_FAST_PATHS"

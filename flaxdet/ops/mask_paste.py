@@ -14,6 +14,9 @@ per-box interpolation matrices Ay (H, mh) and Ax (W, mw) (float32 results may di
 canvas has an empty region (visdet's ``torch.arange`` would raise there). Boxes go ``chunk`` at a time
 through a ``fori_loop`` writing into the result: peak memory O(chunk * H * W) besides the (N, H, W)
 result. Computed in ``promote_types(probs.dtype, float32)``.
+
+That is the plain path. On the fast path ``mask_paste_windows`` (:mod:`flaxdet.fast_paths.mask_paste_windows`)
+each box is computed only on a static window around its region, with the same values bit for bit.
 """
 from __future__ import annotations
 
@@ -22,11 +25,17 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from flaxdet import fast_paths
 
-def _interp(b0, b1, size, m):
-    """(size, m) grid_sample weights for pixel centres 0.5 .. size - 0.5, and the region mask (size,)."""
+
+def _interp(b0, b1, size, m, start=None, win=None):
+    """(size, m) grid_sample weights for pixel centres 0.5 .. size - 0.5, and the region mask (size,).
+    With ``start`` (traced int) and ``win`` (static): only pixels ``start .. start + win - 1`` of the
+    ``size`` (the same values those rows have in the whole)."""
     dt = b0.dtype
-    g = (jnp.arange(size, dtype=dt) + 0.5 - b0) / (b1 - b0) * 2 - 1
+    pix = jnp.arange(size) if start is None else start + jnp.arange(win)
+    xs = jnp.arange(size, dtype=dt) if start is None else pix.astype(dt)
+    g = (xs + 0.5 - b0) / (b1 - b0) * 2 - 1
     g = jnp.where(jnp.isinf(g), 0, g)
     s = (g + 1) * (m / 2) - 0.5
     i0 = jnp.floor(s)
@@ -35,7 +44,6 @@ def _interp(b0, b1, size, m):
     cols = jnp.arange(m)
     a = jnp.where(cols == i0[:, None], (1 - w)[:, None], 0) + jnp.where(cols == i0[:, None] + 1, w[:, None], 0)
     a = jnp.where(jnp.isnan(s)[:, None], jnp.nan, a)  # visdet: a NaN coordinate gives NaN
-    pix = jnp.arange(size)
     region = (pix >= jnp.maximum(jnp.floor(b0) - 1, 0)) & (pix < jnp.minimum(jnp.ceil(b1) + 1, size))
     return a, region
 
@@ -72,12 +80,20 @@ def _paste(probs, boxes, img_h, img_w, threshold, chunk):
     return jax.lax.fori_loop(0, -(-n // m), body, out)
 
 
+def _dispatch(probs, boxes, img_h, img_w, threshold, chunk):
+    if fast_paths.enabled("mask_paste_windows"):
+        from flaxdet.fast_paths.mask_paste_windows import paste_windows
+
+        return paste_windows(probs, boxes, img_h, img_w, threshold)
+    return _paste(probs, boxes, img_h, img_w, threshold, chunk)
+
+
 def paste_masks_float(probs, boxes, img_h: int, img_w: int, chunk: int = 8):
     """probs (N, mh, mw), boxes (N, 4) x1y1x2y2 in the canvas -> (N, img_h, img_w) pasted
-    probabilities (0 outside each box's region)."""
-    return _paste(probs, boxes, int(img_h), int(img_w), None, int(chunk))
+    probabilities (0 outside each box's region). ``chunk``: boxes per step of the plain path."""
+    return _dispatch(probs, boxes, int(img_h), int(img_w), None, int(chunk))
 
 
 def paste_masks(probs, boxes, img_h: int, img_w: int, threshold: float, chunk: int = 8):
     """probs (N, mh, mw), boxes (N, 4) -> (N, img_h, img_w) bool masks ``pasted >= threshold``."""
-    return _paste(probs, boxes, int(img_h), int(img_w), float(threshold), int(chunk))
+    return _dispatch(probs, boxes, int(img_h), int(img_w), float(threshold), int(chunk))
