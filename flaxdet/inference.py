@@ -213,6 +213,8 @@ def unpad(dets, batch: Batch):
         r = {k: np.asarray(dets[k][i])[v] for k in ("bboxes", "scores", "labels")}
         r["labels"] = r["labels"].astype(np.int64)
         if "masks" in dets:
-            r["masks"] = np.asarray(dets["masks"][i])[v][:, :h, :w]
+            m, c = np.asarray(dets["masks"][i]), int(v.sum())
+            # the valid rows come first (NMS order): copy just them, cropped (not c canvases)
+            r["masks"] = np.array(m[:c, :h, :w]) if v[:c].all() else m[v][:, :h, :w]
         results.append(r)
     return results

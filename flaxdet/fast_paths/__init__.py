@@ -26,6 +26,8 @@ name                what (module)                                               
                     its box, windows bucketed by size, bit-identical
                     (:mod:`.mask_paste_windows`); plain: over the whole canvas
                     (:mod:`flaxdet.ops.mask_paste`)
+``mask_head_chunks`` the inference mask head on chunks of <= 50 rows (a          on      off
+                    ``lax.map``; :mod:`.mask_head_chunks`); plain: all rows
 ==================  ==========================================================  ======  ========
 
 On CPU each was measured faster (figures in each module and in ``docs/performance.md``); on GPU and TPU
@@ -42,7 +44,7 @@ import contextlib
 import os
 
 NAMES = ("conv_vjp", "conv1x1_matmul", "depthwise_taps", "roi_align_tiers", "mask_row_buckets",
-         "mask_paste_windows")
+         "mask_paste_windows", "mask_head_chunks")
 DEFAULTS = {"cpu": frozenset(NAMES), "gpu": frozenset(), "cuda": frozenset(), "rocm": frozenset(),
             "tpu": frozenset()}
 ENV = "FLAXDET_FAST_PATHS"

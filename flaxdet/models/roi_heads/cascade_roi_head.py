@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flaxdet.config import CascadeRoIHeadCfg
+from flaxdet.fast_paths.mask_head_chunks import run_mask_head
 from flaxdet.fast_paths.mask_rows import mask_buckets, pad_rows, run_mask_rows
 from flaxdet.models.roi_heads.mask_heads.fcn_mask_head import FCNMaskHead
 from flaxdet.models.roi_heads.roi_extractors.single_level_roi_extractor import SingleRoIExtractor
@@ -172,7 +173,7 @@ class CascadeRoIHead(nnx.Module):
         per_image = [f.reshape(n, d, *f.shape[1:]) for f in roi_feats]
 
         def run(k):
-            logits = [self.mask_head[s](per_image[s][:, :k].reshape(n * k, *per_image[s].shape[2:]))
+            logits = [run_mask_head(self.mask_head[s], per_image[s][:, :k].reshape(n * k, *per_image[s].shape[2:]))
                       for s in range(self.num_stages)]
             probs = jax.nn.sigmoid(logits[0])
             for lg in logits[1:]:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flaxdet.config import StandardRoIHeadCfg
+from flaxdet.fast_paths.mask_head_chunks import run_mask_head
 from flaxdet.fast_paths.mask_rows import mask_buckets, pad_rows, run_mask_rows
 from flaxdet.models.roi_heads.bbox_heads.convfc_bbox_head import (
     ConvFCBBoxHead,
@@ -173,7 +174,7 @@ class StandardRoIHead(nnx.Module):
         per_image = roi_feats.reshape(n, d, *roi_feats.shape[1:])
 
         def run(k):
-            logits = self.mask_head(per_image[:, :k].reshape(n * k, *roi_feats.shape[1:]))
+            logits = run_mask_head(self.mask_head, per_image[:, :k].reshape(n * k, *roi_feats.shape[1:]))
             fn = lambda lg, b, lab, sf: self.mask_head.predict_single(lg, b, lab, sf, canvas_hw, thr, rescale)  # noqa
             masks, boxes = jax.vmap(fn)(logits.reshape(n, k, *logits.shape[1:]), dets["bboxes"][:, :k],
                                         dets["labels"][:, :k], scale_factors)
