@@ -1,7 +1,7 @@
 """Training-step benchmark: reference PyTorch eager (visdet's training loss path) vs flaxdet's jitted train step.
 
     .venv/bin/python benchmarks/bench_train.py [--preset mask_rcnn_r50] [--size 800x1333] [--batch 2]
-        [--dtypes float32 bfloat16] [--repeats 3] [--out F]
+        [--dtypes float32 bfloat16] [--remat auto] [--repeats 3] [--no-pytorch] [--out F]
 
 One SGD step (visdet's 1x schedule optimizer: momentum 0.9, weight decay 1e-4, lr 0.02) on a batch of
 ``--batch`` synthetic images of ``--size`` with 5 GT boxes/labels/masks each, same seeded weights (saved
@@ -15,7 +15,12 @@ the same images and GT on both sides.
   params and optimizer state donated), synchronised with ``block_until_ready``. Its one-time
   ``trace_s`` + ``compile_s`` are measured ahead-of-time; the timed steps hit the jit cache.
   ``--dtypes bfloat16`` runs the mixed-precision policy (bf16 convolutions/matmuls, float32 params,
-  gradients and optimizer state).
+  gradients and optimizer state). ``--remat none auto full``: one flaxdet worker per rematerialisation mode
+  (``TrainState(remat=...)``; results keyed ``DTYPE/remat=MODE`` when more than one mode is given), each
+  reporting its peak RSS after compiling and after the steps, and XLA's buffer sizes of the compiled step
+  (``xla_temp_mb``: the step's scratch memory, activations kept for the backward included).
+- ``--no-pytorch``: flaxdet only (memory sweeps; single-stage presets such as ``rtmdet_s``, whose PyTorch
+  training side this script does not run).
 
 The samplers draw different (equally distributed) RoIs on the two sides; the work per step is the same.
 Reported: median / min step time after one warm-up step, peak RSS, the losses of the first step, and
@@ -41,7 +46,13 @@ def inputs(h, w, n, num_classes):
     return imgs, gts
 
 
-def flaxdet_setup(cfg, ckpt, imgs, gts, dtype):
+def num_classes(cfg):
+    from flaxdet.config import final_bbox_head
+
+    return final_bbox_head(cfg.roi_head).num_classes if getattr(cfg, "roi_head", None) else cfg.bbox_head.num_classes
+
+
+def flaxdet_setup(cfg, ckpt, imgs, gts, dtype, remat="auto"):
     """(TrainState with visdet's SGD, device batch): the checkpoint through the production converter,
     the images padded as the data pipeline pads them, GT padded to a capacity of max(8, NUM_GT)."""
     import jax.numpy as jnp
@@ -58,7 +69,7 @@ def flaxdet_setup(cfg, ckpt, imgs, gts, dtype):
     load_visdet_state_dict(model, load_checkpoint(ckpt).state_dict)
     tx, _ = make_optimizer("sgd", SGD["lr"], SGD["weight_decay"], steps_per_epoch=1000, warmup_iters=0,
                            momentum=SGD["momentum"])
-    state = TrainState(model, tx, dtype=dtype)
+    state = TrainState(model, tx, dtype=dtype, remat=remat)
     h, w = imgs[0].shape[:2]
     hp, wp = own_pad_shape((h, w), cfg.data_preprocessor.pad_size_divisor)
     images = np.zeros((len(imgs), hp, wp, 3), np.uint8)
@@ -73,11 +84,11 @@ def flaxdet_setup(cfg, ckpt, imgs, gts, dtype):
 def worker(spec):
     import numpy as np
 
-    from flaxdet.config import final_bbox_head, load_config
+    from flaxdet.config import load_config
 
     cfg = load_config(spec["preset"])
     h, w = (int(v) for v in spec["size"].split("x"))
-    imgs, gts = inputs(h, w, spec["batch"], final_bbox_head(cfg.roi_head).num_classes)
+    imgs, gts = inputs(h, w, spec["batch"], num_classes(cfg))
     out = dict(spec)
     if spec["side"] == "pytorch":
         import torch
@@ -113,13 +124,23 @@ def worker(spec):
         import jax
         import jax.numpy as jnp
 
-        state, batch = flaxdet_setup(cfg, spec["ckpt"], imgs, gts, spec["dtype"])
+        if spec.get("auto_plan") is not None:
+            from flaxdet.training import step as step_mod
+
+            step_mod.AUTO_REMAT = spec["auto_plan"]
+        state, batch = flaxdet_setup(cfg, spec["ckpt"], imgs, gts, spec["dtype"], spec.get("remat", "auto"))
         key = jax.random.PRNGKey(0)
         t = time.perf_counter()
         lowered = state.lower(batch, key)  # the first step's mask rows: the smallest bucket
         t1 = time.perf_counter()
-        lowered.compile()  # fills the jit cache: train_step below does not compile again
-        out.update(trace_s=t1 - t, compile_s=time.perf_counter() - t1, device=str(jax.devices()[0]))
+        compiled = lowered.compile()  # fills the jit cache: train_step below does not compile again
+        out.update(trace_s=t1 - t, compile_s=time.perf_counter() - t1, device=str(jax.devices()[0]),
+                   remat_units=len(state.remat), peak_rss_compiled_mb=common.peak_rss_mb())
+        mem = compiled.memory_analysis()
+        if mem is not None:  # XLA's buffer assignment: temp = the step's scratch (kept activations included)
+            out.update({f"xla_{k}_mb": getattr(mem, f"{k}_size_in_bytes") / 2**20
+                        for k in ("temp", "argument", "output", "generated_code")})
+        del compiled
         # one step shows the positives (re-run, and compiled, with a bigger bucket when they overflow);
         # later steps run the mask branch on the bucket holding them (TrainState.mask_rows): compiled
         # here too, outside the timed steps
@@ -161,6 +182,11 @@ def main(argv=None):
     p.add_argument("--size", default="800x1333", help="HxW of the network input")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    p.add_argument("--remat", nargs="+", default=["auto"], choices=["none", "auto", "full"],
+                   help="flaxdet's rematerialisation mode(s) (TrainState(remat=...)); one worker per mode")
+    p.add_argument("--no-pytorch", action="store_true", help="flaxdet workers only")
+    p.add_argument("--auto-plan", help="what --remat auto rematerialises in this run (to choose step.AUTO_REMAT by "
+                   "measurement): KIND=POLICY,... with KIND backbone/neck/head, POLICY nothing/dots")
     p.add_argument("--repeats", type=int, default=3, help="timed steps after the warm-up step (median reported)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/train.json)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -172,14 +198,37 @@ def main(argv=None):
     ckpt = str(common.write_checkpoint(tmp / f"{a.preset}.pth", common.seeded_state_dict(a.preset)))
     machine = common.machine()
     base = dict(ckpt=ckpt, preset=a.preset, size=a.size, batch=a.batch, repeats=a.repeats)
-    pt, fd, ratio = common.run_sides(__file__, base, a.dtypes)
-    rows = [dict(preset=a.preset, size=a.size, batch=a.batch, dtypes=a.dtypes, pytorch=pt, flaxdet=fd,
+    if a.auto_plan:
+        base["auto_plan"] = dict(kv.split("=") for kv in a.auto_plan.split(",") if kv)
+    if len(a.remat) == 1 and not a.no_pytorch:
+        base["remat"] = a.remat[0]
+        pt, fd, ratio = common.run_sides(__file__, base, a.dtypes)
+        keys = a.dtypes
+    else:  # one flaxdet worker per (dtype, remat mode)
+        pt = None if a.no_pytorch else common.run_worker(__file__, dict(base, side="pytorch"))
+        if pt is not None:
+            print(json.dumps(pt), flush=True)
+        fd = {}
+        for dt in a.dtypes:
+            for mode in a.remat:
+                k = dt if len(a.remat) == 1 else f"{dt}/remat={mode}"
+                fd[k] = common.run_worker(__file__, dict(base, side="flaxdet", dtype=dt, remat=mode))
+                print(json.dumps(fd[k]), flush=True)
+        ratio = {k: pt["median_s"] / v["median_s"] for k, v in fd.items()} if pt is not None else {}
+        keys = list(fd)
+    rows = [dict(preset=a.preset, size=a.size, batch=a.batch, dtypes=keys, remat=a.remat, pytorch=pt, flaxdet=fd,
                  ratio=ratio)]
     out = common.save("train.json", dict(benchmark="train", machine=machine, preset=a.preset,
                                          optimizer=dict(SGD, name="sgd"), gt_per_image=NUM_GT, repeats=a.repeats,
                                          results=rows), a.out)
     print()
-    print(common.table(rows, columns(a.dtypes)))
+    if pt is not None:
+        print(common.table(rows, columns(keys)))
+    print(common.table([dict(key=k, **v) for k, v in fd.items()],
+                       [("flaxdet", "key", ""), ("median s", "median_s", ".2f"), ("compile s", lambda r: r["trace_s"]
+                         + r["compile_s"], ".1f"), ("RSS compiled MB", "peak_rss_compiled_mb", ".0f"),
+                        ("peak RSS MB", "peak_rss_mb", ".0f"), ("XLA temp MB", lambda r: r.get("xla_temp_mb", 0),
+                                                                ".0f")]))
     print("step time (median); ratio = pytorch / flaxdet (> 1: flaxdet faster); compile = trace + XLA compile")
     print(f"wrote {out}")
 

@@ -2,7 +2,7 @@
 summed by kind, by forward/backward and by area (the RoIAlign calls, other conditional branches).
 
     .venv/bin/python benchmarks/profile_train.py [--preset mask_rcnn_r50] [--size 480x640] [--batch 2]
-        [--dtype float32] [--top 25] [--trace DIR]
+        [--dtype float32] [--remat auto] [--top 25] [--trace DIR]
 
 Same inputs and weights as bench_train.py. One warm-up step (compiles; its positives pick the mask
 branch's row bucket), then one traced step. Each XLA op of the optimised HLO is attributed through its
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import common
-from bench_train import NUM_GT, flaxdet_setup, inputs
+from bench_train import NUM_GT, flaxdet_setup, inputs, num_classes
 
 
 def categorise(events, hlo_text):
@@ -54,6 +54,8 @@ def main(argv=None):
     p.add_argument("--size", default="480x640", help="HxW of the network input")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--remat", default="auto", choices=["none", "auto", "full"],
+                   help="rematerialisation mode of the step (TrainState(remat=...))")
     p.add_argument("--top", type=int, default=25, help="rows of the printed table")
     p.add_argument("--trace", help="directory for the raw jax.profiler trace (default: a temporary one)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/profile_train.json)")
@@ -61,14 +63,14 @@ def main(argv=None):
 
     import jax
 
-    from flaxdet.config import final_bbox_head, load_config
+    from flaxdet.config import load_config
 
     cfg = load_config(a.preset)
     h, w = (int(v) for v in a.size.split("x"))
     tmp = Path(tempfile.mkdtemp(prefix="flaxdet_prof_"))
     ckpt = common.write_checkpoint(tmp / f"{a.preset}.pth", common.seeded_state_dict(a.preset))
-    imgs, gts = inputs(h, w, a.batch, final_bbox_head(cfg.roi_head).num_classes)
-    state, batch = flaxdet_setup(cfg, ckpt, imgs, gts, a.dtype)
+    imgs, gts = inputs(h, w, a.batch, num_classes(cfg))
+    state, batch = flaxdet_setup(cfg, ckpt, imgs, gts, a.dtype, a.remat)
     key = jax.random.PRNGKey(0)
     jax.block_until_ready(state.train_step(batch, key))  # warm-up: its positives pick the mask rows
     hlo = state.lower(batch, key).compile().as_text()
@@ -92,8 +94,8 @@ def main(argv=None):
                                         ("ms", "ms", ".0f"), ("share", "share", ".1%")]))
     out = common.save("profile_train.json", dict(
         benchmark="profile_train", machine=common.machine(), preset=a.preset, size=a.size, batch=a.batch,
-        dtype=a.dtype, gt_per_image=NUM_GT, traced_step_s=step_s, op_time_s=total / 1e6, trace_dir=str(trace),
-        rows=rows), a.out)
+        dtype=a.dtype, remat=a.remat, gt_per_image=NUM_GT, traced_step_s=step_s, op_time_s=total / 1e6,
+        trace_dir=str(trace), rows=rows), a.out)
     print(f"wrote {out}; trace in {trace}")
 
 

@@ -137,15 +137,21 @@ def build_parser():
 
     s = sub.add_parser("infer", help="detect on images: COCO-format JSON + overlay PNGs",
                        description="Run a flaxdet model (a directory from `flaxdet convert`, or a visdet "
-                       "checkpoint with --config) on image files with visdet's test pipeline.")
+                       "checkpoint with --config) on image files with visdet's test pipeline. Pipelined: "
+                       "background threads decode and resize ahead, images are batched by padded shape "
+                       "(--batch-size per batch), and the model runs while earlier results are written; "
+                       "results keep the input order.")
     s.add_argument("--checkpoint", required=True, help="flaxdet model directory or visdet checkpoint")
     s.add_argument("--config", help="needed only for a visdet checkpoint without meta.cfg")
     s.add_argument("--num-classes", type=int, help=NUM_CLASSES_HELP)
-    s.add_argument("--images", nargs="+", required=True)
+    s.add_argument("--images", nargs="+", required=True,
+                   help="image files, folders (their image files, sorted) or quoted glob patterns ('photos/*.jpg')")
     s.add_argument("--out", required=True)
     s.add_argument("--scale", nargs=2, default=None, metavar=("LONG", "SHORT"), help=SCALE_HELP)
     s.add_argument("--score-thr", type=float, default=0.3, help="overlay threshold (JSON keeps all)")
-    s.add_argument("--batch-size", type=int, default=1)
+    s.add_argument("--batch-size", type=int, default=1,
+                   help="images per batch, all of one padded shape (1: each image alone, as visdet tests)")
+    s.add_argument("--workers", type=int, default=2, help="threads decoding and resizing images ahead")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--bucket", choices=("exact", "coarse"), default="exact",
                    help="exact: pad like visdet (multiple of 32); coarse: multiple of 128, fewer recompiles")
@@ -189,9 +195,24 @@ def build_parser():
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--max-gt", type=int, default=100, help="GT boxes per image (static capacity)")
     s.add_argument("--devices", type=int, help="number of local devices to use (default all)")
+    s.add_argument("--loader", choices=("grain", "thread"), default="grain",
+                   help="grain (default): the train pipeline in --workers processes, its position saved in the "
+                   "checkpoints; thread: one background thread in this process")
+    s.add_argument("--workers", type=int, default=None,
+                   help="grain worker processes (default: the cores less one, at most 16; 0: in this process)")
+    s.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files (OUT/tensorboard)")
+    s.add_argument("--mlflow", metavar="URI",
+                   help="also track the run in MLflow at URI (file:/path/mlruns, http://host:5000, ...): the settings "
+                   "as params, per-step metrics, OUT/model as an artifact (needs the mlflow extra)")
+    s.add_argument("--mlflow-experiment", default="flaxdet", help="MLflow experiment name (default flaxdet)")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--dtype", choices=DTYPES, default="float32",
                    help=DTYPE_HELP + " Parameters, gradients and optimizer state stay float32.")
+    s.add_argument("--remat", choices=("none", "auto", "full"), default="auto",
+                   help="rematerialisation in the train step: recompute activations in the backward instead of "
+                   "keeping them (none: keep all, fastest, most memory; full: every backbone block, the neck and "
+                   "the heads; auto (default): the per-stage choice of docs/performance.md). Same losses and "
+                   "gradients in every mode")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="COCO bbox/segm mAP on a COCO-format set",
@@ -256,9 +277,11 @@ def cmd_parity(args):
 def cmd_infer(args):
     from flaxdet.tools import run_infer
 
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
     run_infer(args.checkpoint, args.images, args.out, args.config, _scale(args.scale), args.score_thr,
               args.batch_size, progress=not args.no_progress, bucket=args.bucket, dtype=args.dtype,
-              num_classes=args.num_classes)
+              num_classes=args.num_classes, workers=args.workers)
     return 0
 
 
@@ -267,12 +290,18 @@ def cmd_train(args):
 
     if args.ema_once_per_tensor and not args.ema:
         raise UsageError("--ema-once-per-tensor sets how the EMA treats shared tensors: add --ema")
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers {args.workers}: give 0 (in this process) or more worker processes")
+    if args.workers is not None and args.loader != "grain":
+        raise UsageError("--workers sets the grain loader's processes: drop it, or use --loader grain")
     cfg = TrainConfig(args.checkpoint, args.ann, args.out, img_dir=args.images, steps=args.steps,
                       batch_size=args.batch_size, scale=_scale(args.scale),  # None: the model's test scale
                       optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
                       warmup_iters=args.warmup_iters, ckpt_every=args.ckpt_every, keep=args.keep, seed=args.seed,
                       max_gt=args.max_gt, num_devices=args.devices, dtype=args.dtype, ema=args.ema,
-                      ema_per_alias=not args.ema_once_per_tensor, force=args.force)
+                      ema_per_alias=not args.ema_once_per_tensor, force=args.force,
+                      loader=args.loader, workers=args.workers, tensorboard=not args.no_tensorboard,
+                      mlflow=args.mlflow, mlflow_experiment=args.mlflow_experiment, remat=args.remat)
     _, hist = train(cfg, progress=not args.no_progress)
     if hist:
         print("last step: " + ", ".join(f"{k}={v:.4g}" for k, v in hist[-1].items()))

@@ -4,17 +4,24 @@
   no update; BN trains as under visdet's ``model.train()`` (:mod:`flaxdet.training.step`: RTMDet's BN on batch
   statistics, the two-stage family's frozen by ``norm_eval``).
 * Optional EMA of the weights (:mod:`flaxdet.training.ema`), used for the final ``model/`` when on.
+* Input: the grain pipeline (:mod:`flaxdet.data.grain_pipeline`, worker processes) by default, or the
+  single-thread :class:`flaxdet.data.coco.TrainLoader` (``loader="thread"``).
 * Checkpoints (orbax) every ``ckpt_every`` steps, last ``keep`` kept: params, optimizer state, BN statistics (the
-  non-parameter state), the EMA and the step. Data order, flips and the sampler's PRNG key are pure functions
-  of (seed, step), so a run killed at any point resumes from its last checkpoint with no lost or repeated step.
+  non-parameter state), the EMA and the step (item ``default``), and the grain iterator's state (item ``data``,
+  one file per process). Data order, flips and the sampler's PRNG key are pure functions of (seed, step), so a
+  run killed at any point resumes from its last checkpoint with no lost or repeated step.
   ``OUT/run.json`` records the run's settings: a resume with other settings is refused unless ``force``.
-* Data parallel: the global batch is sharded over all local devices along a ``data`` mesh axis
-  (``jax.sharding``), parameters replicated; one device works unchanged. Multi-host: call
-  ``jax.distributed.initialize()`` first in every process; the mesh then spans all processes' devices
-  and each process feeds its share of the global batch.
+* Data parallel: the global batch is sharded over all devices along a ``data`` mesh axis (``jax.sharding``),
+  parameters replicated; one device works unchanged. Multi-process: call ``jax.distributed.initialize()`` first in
+  every process; the mesh then spans all processes' devices, each process loads the rows of the global batch its
+  devices hold and the global batch is assembled with ``jax.make_array_from_process_local_data``. Process 0
+  writes ``run.json``, ``metrics.jsonl``, the trackers and ``model/``; every process takes part in checkpoints.
+* Tracking (:mod:`flaxdet.training.tracking`): TensorBoard events in ``OUT/tensorboard`` by default, MLflow with
+  ``mlflow=URI``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -31,6 +38,7 @@ from tqdm import tqdm
 from flaxdet.checkpoint import load_model_dir, save_model_dir
 from flaxdet.config import ConfigError, check_trainable, final_bbox_head, is_two_stage, test_scale
 from flaxdet.data.coco import CocoDataset, TrainLoader
+from flaxdet.data.grain_pipeline import warn_unreadable
 from flaxdet.models import build_detector
 from flaxdet.training.ema import EMAConfig
 from flaxdet.training.optimizers import DEFAULTS, make_optimizer
@@ -112,13 +120,35 @@ def with_masks(model) -> bool:
 
 
 def _mesh_and_shardings(num_devices):
-    devs = jax.devices()[: num_devices or len(jax.devices())]
+    devs = jax.devices()  # every process's devices under jax.distributed
+    if num_devices and jax.process_count() > 1 and num_devices != len(devs):
+        raise ConfigError(f"--devices {num_devices}: a multi-process run uses all {len(devs)} devices of its "
+                          f"{jax.process_count()} processes")
+    devs = devs[: num_devices or len(devs)]
     mesh = jax.make_mesh((len(devs),), ("data",), axis_types=(AxisType.Auto,), devices=devs)
     return mesh, NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
 
 
-def shard_batch(batch, data_sharding):
-    return {k: jax.device_put(np.asarray(v), data_sharding) for k, v in batch.items()}
+def process_rows(data_sharding, batch_size):
+    """(row0, rows): the contiguous rows of the global batch this process's devices hold under
+    ``data_sharding`` (all of them in a single-process run)."""
+    spans = sorted({(s[0].start or 0, batch_size if s[0].stop is None else s[0].stop)
+                    for s in data_sharding.addressable_devices_indices_map((batch_size,)).values()})
+    row0, row1 = spans[0][0], spans[-1][1]
+    if sum(b - a for a, b in spans) != row1 - row0 or (row1 - row0) * jax.process_count() != batch_size:
+        raise ValueError(f"this process's devices hold rows {spans} of the batch of {batch_size}: not one "
+                         "contiguous share")
+    return row0, row1 - row0
+
+
+def shard_batch(batch, data_sharding, global_batch=None):
+    """Host arrays -> global arrays sharded along the batch. One process: ``batch`` is the global batch. Several:
+    ``batch`` holds this process's rows (:func:`process_rows`) of a global batch of ``global_batch``
+    (``jax.make_array_from_process_local_data``)."""
+    if jax.process_count() == 1:
+        return {k: jax.device_put(np.asarray(v), data_sharding) for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(data_sharding, np.asarray(v),
+                                                      (global_batch,) + np.shape(v)[1:]) for k, v in batch.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +177,12 @@ class TrainConfig:
     ema: bool = False  # keep an EMA of the weights (upstream RTMDet's ExpMomentumEMA); model/ gets the EMA weights
     ema_per_alias: bool = True  # EMA: lerp a shared tensor once per visdet key, as mmengine does (flaxdet.training.ema)
     force: bool = False  # resume even when the run's settings differ from OUT/run.json's
+    loader: str = "grain"  # "grain" (worker processes, state in the checkpoints) or "thread" (one thread)
+    workers: int | None = None  # grain worker processes (default: the cores less one, <= 16); 0: in this process
+    tensorboard: bool = True  # TensorBoard event files in OUT/tensorboard
+    mlflow: str | None = None  # MLflow tracking URI (file:..., http://...): params, metrics, model/ as an artifact
+    mlflow_experiment: str = "flaxdet"  # the MLflow experiment's name
+    remat: str = "auto"  # rematerialisation in the step: "none", "auto", "full" (memory vs time; same values)
 
 
 class ResumeError(ConfigError):
@@ -163,7 +199,7 @@ def run_settings(cfg: TrainConfig, scale) -> dict:
                weight_decay=float(d_wd if cfg.weight_decay is None else cfg.weight_decay),
                warmup_iters=int(d_warm if cfg.warmup_iters is None else cfg.warmup_iters), seed=cfg.seed,
                max_gt=cfg.max_gt, dtype=cfg.dtype or "float32", ema=cfg.ema,
-               ema_per_alias=cfg.ema_per_alias if cfg.ema else None)
+               ema_per_alias=cfg.ema_per_alias if cfg.ema else None, loader=cfg.loader)
     if cfg.optimizer == "sgd":
         out["milestones"] = [int(m) for m in cfg.milestones]
     if cfg.optimizer == "rtmdet_adamw":  # its cosine spans the run's second half
@@ -171,9 +207,9 @@ def run_settings(cfg: TrainConfig, scale) -> dict:
     return out
 
 
-def check_resume_settings(out: Path, settings: dict, resuming: bool, force: bool, log=print):
+def check_resume_settings(out: Path, settings: dict, resuming: bool, force: bool, log=print, write=True):
     """Refuse (:class:`ResumeError`) to resume a run whose ``run.json`` settings differ, unless ``force``; write
-    ``run.json`` for a new (or forced) run."""
+    ``run.json`` for a new (or forced) run (``write``: process 0 of a multi-process run)."""
     path = out / "run.json"
     if resuming and path.is_file():
         try:
@@ -181,6 +217,7 @@ def check_resume_settings(out: Path, settings: dict, resuming: bool, force: bool
         except ValueError:
             old = None
         if isinstance(old, dict):
+            old.setdefault("loader", "thread")  # runs from before the grain loader
             diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
             if diff and not force:
                 what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *ab) for k, ab in diff.items()))
@@ -190,6 +227,8 @@ def check_resume_settings(out: Path, settings: dict, resuming: bool, force: bool
                 log(f"--force: resuming {out} with changed settings: {sorted(diff)}")
     elif resuming:
         log(f"{out}: no run.json (a run from an older flaxdet): its settings cannot be checked")
+    if not write:
+        return
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(settings, indent=1))
     tmp.replace(path)
@@ -225,10 +264,34 @@ def _train_state_tree(state):
     return tree
 
 
+def _make_loader(cfg: TrainConfig, ds, scale, masks, row0):
+    if cfg.loader == "grain":
+        from flaxdet.data.grain_pipeline import GrainTrainLoader
+
+        return GrainTrainLoader(ds, cfg.batch_size, scale, cfg.max_gt, cfg.seed, with_masks=masks,
+                                workers=cfg.workers, num_steps=cfg.steps, process_count=jax.process_count(),
+                                row0=row0)
+    if cfg.loader == "thread":
+        return TrainLoader(ds, cfg.batch_size, scale, cfg.max_gt, cfg.seed, with_masks=masks)
+    raise ConfigError(f"loader {cfg.loader!r}: use 'grain' or 'thread'")
+
+
+def _thread_batches(loader: TrainLoader, start, todo, row0, rows):
+    """The thread loader's batches as (step, this process's rows of the batch, epoch, skipped, unreadable); it
+    warns about unreadable images itself."""
+    for step, batch, epoch in loader.batches(start, todo):
+        if rows != loader.batch_size:  # multi-process: every process decodes the whole batch (use grain)
+            batch = {k: v[row0:row0 + rows] for k, v in batch.items()}
+        yield step, batch, epoch, len(loader.skipped.pop(step, [])), ()
+
+
 def train(cfg: TrainConfig, *, progress=True, plot=True, log=print, stop_after=None):
     """Fine-tune ``cfg.checkpoint`` on ``cfg.ann_file``; returns (final model, list of metric dicts): the EMA
     model when ``cfg.ema``. ``stop_after`` ends the process's work after that many steps (as a kill would)
     without touching checkpoints -- for tests."""
+    main = jax.process_index() == 0
+    if not main:
+        log = lambda *a, **k: None  # noqa: E731  (process 0 speaks for the run)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, _, _ = load_model_dir(cfg.checkpoint)
@@ -236,81 +299,129 @@ def train(cfg: TrainConfig, *, progress=True, plot=True, log=print, stop_after=N
     ds = CocoDataset(cfg.ann_file, cfg.img_dir)
     model = adapt_num_classes(model, ds.classes, log)
     scale = tuple(cfg.scale) if cfg.scale is not None else test_scale(model.cfg)
-    loader = TrainLoader(ds, cfg.batch_size, scale, cfg.max_gt, cfg.seed, with_masks=with_masks(model))
-    tx, sched = make_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay, loader.steps_per_epoch, cfg.warmup_iters,
-                               cfg.milestones, total_steps=cfg.steps)
-    ema_cfg = EMAConfig(per_alias=cfg.ema_per_alias) if cfg.ema else None
-    state = TrainState(model, tx, dtype=cfg.dtype, ema=ema_cfg)
     mesh, data_sh, repl_sh = _mesh_and_shardings(cfg.num_devices)
     if cfg.batch_size % mesh.size:
         raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {mesh.size} devices")
+    row0, rows = process_rows(data_sh, cfg.batch_size)
+    loader = _make_loader(cfg, ds, scale, with_masks(model), row0)
+    tx, sched = make_optimizer(cfg.optimizer, cfg.lr, cfg.weight_decay, loader.steps_per_epoch, cfg.warmup_iters,
+                               cfg.milestones, total_steps=cfg.steps)
+    ema_cfg = EMAConfig(per_alias=cfg.ema_per_alias) if cfg.ema else None
+    state = TrainState(model, tx, dtype=cfg.dtype, ema=ema_cfg, remat=cfg.remat)
     state.params, state.opt_state, state.rest = jax.device_put((state.params, state.opt_state, state.rest), repl_sh)
     if state.ema is not None:
         state.ema.params, state.ema.rest = jax.device_put((state.ema.params, state.ema.rest), repl_sh)
 
-    mgr = ocp.CheckpointManager((out / "checkpoints").absolute(),
+    mgr = ocp.CheckpointManager((out / "checkpoints").absolute(), item_names=("default", "data"),
                                 options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, save_interval_steps=1))
     start = mgr.latest_step() or 0
-    check_resume_settings(out, run_settings(cfg, scale), start > 0, cfg.force, log)
+    settings = run_settings(cfg, scale)
+    check_resume_settings(out, settings, start > 0, cfg.force, log, write=main)
     metrics_path = out / "metrics.jsonl"
+    data_it = loader.iterator(start) if cfg.loader == "grain" else None
     if start:
         _restore(mgr, start, state, log)
         state.step = start
         state.needed_rows = _recent_mask_rows(metrics_path, start, state.MASK_ROWS_WINDOW)
-        dropped = truncate_metrics(metrics_path, start)
+        if data_it is not None:
+            _restore_data(mgr, start, data_it, log)
+        dropped = truncate_metrics(metrics_path, start) if main else 0
         log(f"resumed from step {start} ({out / 'checkpoints'})" +
             (f"; dropped {dropped} metrics rows past it" if dropped else ""))
-    elif metrics_path.exists():
+    elif metrics_path.exists() and main:
         metrics_path.unlink()
     history = []
     base_key = jax.random.PRNGKey(cfg.seed)
     todo = max(0, cfg.steps - start) if stop_after is None else max(0, min(cfg.steps, start + stop_after) - start)
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress)
+    if data_it is not None:
+        batches = (next(data_it) for _ in range(todo))
+    else:
+        batches = _thread_batches(loader, start, todo, row0, rows)
+    trackers = None
+    if main:
+        from flaxdet.training.tracking import Trackers
+
+        trackers = Trackers(out, start, settings, cfg.tensorboard, cfg.mlflow, cfg.mlflow_experiment, log)
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not (progress and main))
     t_last = time.perf_counter()
-    skipped_total = 0
-    with open(metrics_path, "a") as mf:
-        for step, batch, epoch in loader.batches(start, todo):
-            key = jax.random.fold_in(base_key, step)
-            logs = state.train_step(shard_batch(batch, data_sh), key)
-            logs = {k: float(v) for k, v in jax.device_get(logs).items()}
-            now = time.perf_counter()
-            rec = dict(step=step + 1, epoch=epoch, lr=float(sched(step)), **logs,
-                       images_per_s=cfg.batch_size / max(now - t_last, 1e-9))
-            if state.last_mask_rows is not None:  # the mask branch's row bucket (see TrainState.train_step)
-                rec.update(mask_rows=state.last_mask_rows, mask_rows_needed=state.needed_rows[-1])
-            skipped = loader.skipped.pop(step, [])
-            if skipped:  # unreadable images this step (replaced by the next readable ones)
-                rec["skipped_images"] = len(skipped)
-                skipped_total += len(skipped)
-            t_last = now
-            history.append(rec)
-            mf.write(json.dumps(rec) + "\n")
-            mf.flush()
-            if not np.isfinite(logs["loss"]):
-                raise FloatingPointError(f"loss is {logs['loss']} at step {step + 1}; stopping (last good "
-                                         f"checkpoint: {mgr.latest_step()})")
-            bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k.startswith("loss")} |
-                            {"img/s": f"{rec['images_per_s']:.1f}"})
-            bar.update(1)
-            if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
-                mgr.save(step + 1, args=ocp.args.StandardSave(_train_state_tree(state)))
-                mgr.wait_until_finished()
-    bar.close()
-    mgr.close()
-    if state.reruns:
-        log(f"{state.reruns} step(s) re-run: their positives needed more mask rows than recent steps had")
-    if skipped_total:
-        log(f"{skipped_total} unreadable training image(s) skipped (see the warnings; metrics: skipped_images)")
-    final = state.ema_model() if state.ema is not None else state.model()
-    if state.step >= cfg.steps:
-        meta = dict(trained_steps=state.step, source=str(cfg.checkpoint), category_ids=list(ds.cat_ids))
-        if state.ema is not None:
-            meta["weights"] = (f"EMA (ExpMomentumEMA momentum {state.ema.cfg.momentum}, gamma {state.ema.cfg.gamma}, "
-                               f"per_alias {state.ema.cfg.per_alias}; {state.ema.steps} updates)")
-        save_model_dir(out / "model", final, ds.classes, meta, overwrite=True)
-        if plot and history:
-            plot_losses(metrics_path, out / "loss_curve.png")
+    skipped_total, unreadable_seen = 0, set()
+    status = "FAILED"
+    try:
+        with open(metrics_path, "a") if main else contextlib.nullcontext() as mf:
+            for step, batch, epoch, skipped, unreadable in batches:
+                if unreadable:  # grain: warned here, once per file
+                    warn_unreadable(unreadable, unreadable_seen)
+                key = jax.random.fold_in(base_key, step)
+                logs = state.train_step(shard_batch(batch, data_sh, cfg.batch_size), key)
+                logs = {k: float(v) for k, v in jax.device_get(logs).items()}
+                now = time.perf_counter()
+                rec = dict(step=step + 1, epoch=epoch, lr=float(sched(step)), **logs,
+                           images_per_s=cfg.batch_size / max(now - t_last, 1e-9))
+                if state.last_mask_rows is not None:  # the mask branch's row bucket (see TrainState.train_step)
+                    rec.update(mask_rows=state.last_mask_rows, mask_rows_needed=state.needed_rows[-1])
+                if skipped:  # unreadable images this step (their slots taken by readable ones)
+                    rec["skipped_images"] = skipped
+                    skipped_total += skipped
+                t_last = now
+                history.append(rec)
+                if main:
+                    mf.write(json.dumps(rec) + "\n")
+                    mf.flush()
+                    trackers.log(rec)
+                if not np.isfinite(logs["loss"]):
+                    raise FloatingPointError(f"loss is {logs['loss']} at step {step + 1}; stopping (last good "
+                                             f"checkpoint: {mgr.latest_step()})")
+                bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k.startswith("loss")} |
+                                {"img/s": f"{rec['images_per_s']:.1f}"})
+                bar.update(1)
+                if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+                    items = dict(default=ocp.args.StandardSave(_train_state_tree(state)))
+                    if data_it is not None:
+                        import grain
+
+                        items["data"] = grain.checkpoint.CheckpointSave(data_it)
+                    mgr.save(step + 1, args=ocp.args.Composite(**items))
+                    mgr.wait_until_finished()
+                    if trackers is not None:
+                        trackers.flush()
+        bar.close()
+        mgr.close()
+        if state.reruns:
+            log(f"{state.reruns} step(s) re-run: their positives needed more mask rows than recent steps had")
+        if skipped_total:
+            log(f"{skipped_total} unreadable training image(s) skipped (see the warnings; metrics: skipped_images)")
+        final = state.ema_model() if state.ema is not None else state.model()
+        if state.step >= cfg.steps and main:
+            meta = dict(trained_steps=state.step, source=str(cfg.checkpoint), category_ids=list(ds.cat_ids))
+            if state.ema is not None:
+                meta["weights"] = (f"EMA (ExpMomentumEMA momentum {state.ema.cfg.momentum}, gamma "
+                                   f"{state.ema.cfg.gamma}, per_alias {state.ema.cfg.per_alias}; {state.ema.steps} "
+                                   "updates)")
+            save_model_dir(out / "model", final, ds.classes, meta, overwrite=True)
+            if plot and history:
+                plot_losses(metrics_path, out / "loss_curve.png")
+            trackers.finish(out / "model")
+        status = "FINISHED" if state.step >= cfg.steps else "RUNNING"
+    finally:
+        if data_it is not None:
+            data_it.close()
+        if trackers is not None:
+            trackers.close(status)  # RUNNING: stopped early (stop_after), the run goes on when resumed
     return final, history
+
+
+def _restore_data(mgr, step, data_it, log):
+    """Put the grain iterator where checkpoint ``step`` left it (its saved state), or at ``step`` when the
+    checkpoint has none (saved by the thread loader or an older flaxdet: the same batches, rebuilt)."""
+    import grain
+
+    ckpt = Path(mgr.directory) / str(step)
+    if not (ckpt / "data").is_dir():
+        log(f"checkpoint {step} holds no data-pipeline state: the grain pipeline starts at step {step}")
+        return
+    mgr.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_it)))
+    if data_it.next_step != step:
+        raise ResumeError(f"checkpoint {step}: its data-pipeline state is at step {data_it.next_step}")
 
 
 def _restore(mgr, step, state, log):
@@ -319,12 +430,12 @@ def _restore(mgr, step, state, log):
     its BN never moved) restores params and optimizer state only."""
     target = _train_state_tree(state)
     try:
-        restored = mgr.restore(step, args=ocp.args.StandardRestore(target))
+        restored = mgr.restore(step, args=ocp.args.Composite(default=ocp.args.StandardRestore(target)))["default"]
     except (KeyError, ValueError, FileNotFoundError) as e:
         if state.train_bn or state.ema is not None:
             raise ResumeError(f"checkpoint {step} lacks the BN statistics or EMA this run needs ({e})") from e
-        restored = mgr.restore(step, args=ocp.args.StandardRestore(
-            {"params": state.params, "opt_state": state.opt_state}))
+        restored = mgr.restore(step, args=ocp.args.Composite(default=ocp.args.StandardRestore(
+            {"params": state.params, "opt_state": state.opt_state})))["default"]
         log(f"checkpoint {step}: params and optimizer state only (an older flaxdet's checkpoint)")
     state.params, state.opt_state = restored["params"], restored["opt_state"]
     if "rest" in restored:

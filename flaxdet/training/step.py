@@ -105,13 +105,115 @@ def trains_bn(model) -> bool:
                for p, m in nnx.iter_graph(model))
 
 
-def _train_loss(graphdef, params, rest, train_bn, *args):
-    """``model.loss(*args)`` on the merged model, BN in training mode when ``train_bn``; returns (total, (logs, new
-    rest)): the rest with the statistics the train-mode BN layers moved (``rest`` itself otherwise)."""
+# --- rematerialisation (jax.checkpoint per stage) -----------------------------------------------------------------
+REMAT_MODES = ("none", "auto", "full")
+_POLICIES = {"nothing": jax.checkpoint_policies.nothing_saveable,  # keep only the unit's inputs
+             "dots": jax.checkpoint_policies.dots_saveable}  # keep convolution/matmul outputs, recompute the rest
+# the units ``auto`` rematerialises and how (chosen by measurement, docs/performance.md "Training memory"):
+# {unit kind: policy name}; a kind left out is not rematerialised
+AUTO_REMAT = {"backbone": "nothing", "neck": "nothing", "head": "nothing"}
+FULL_REMAT = {"backbone": "nothing", "neck": "nothing", "head": "nothing"}
+
+
+def _children(seq):
+    return [(str(i), c) for i, c in enumerate(seq)] if isinstance(seq, (list, nnx.List)) else None
+
+
+def remat_units(model) -> list[tuple[str, str]]:
+    """[(dotted module path, unit kind)] of ``model``'s rematerialisable units, none inside another: every block of
+    the backbone's trainable stages (ResNet ``layer{i}.{j}``, CSPNeXt ``stem.{j}`` / ``stage{i}.{j}``; frozen
+    stages keep no activations for the backward anyway), the neck, and the dense heads / RoI heads' box and mask
+    heads (kind ``backbone`` / ``neck`` / ``head``)."""
+    out = []
+    bb = getattr(model, "backbone", None)
+    frozen = set(bb.frozen_prefixes()) if hasattr(bb, "frozen_prefixes") else set()
+    names = getattr(bb, "layers", None) or [f"layer{i + 1}" for i in range(getattr(bb, "num_layers", 0))]
+    for name in names:
+        kids = _children(getattr(bb, name, None))
+        if name in frozen or kids is None:
+            continue
+        out += [(f"backbone.{name}.{i}", "backbone") for i, _ in kids]
+    if getattr(model, "neck", None) is not None:
+        out.append(("neck", "neck"))
+    for head in ("rpn_head", "bbox_head"):
+        if getattr(model, head, None) is not None:
+            out.append((head, "head"))
+    roi = getattr(model, "roi_head", None)
+    if roi is not None:  # Cascade: bbox_head / mask_head are lists of per-stage heads
+        for name in ("bbox_head", "mask_head"):
+            sub = getattr(roi, name, None)
+            kids = _children(sub)
+            if sub is None:
+                continue
+            out += ([(f"roi_head.{name}", "head")] if kids is None
+                    else [(f"roi_head.{name}.{i}", "head") for i, _ in kids])
+    return out
+
+
+def remat_plan(model, mode="auto") -> tuple[tuple[str, str], ...]:
+    """((dotted module path, policy name), ...) that ``mode`` rematerialises in ``model``'s train step: ``none``
+    nothing, ``full`` every unit of :func:`remat_units` keeping only its inputs, ``auto`` :data:`AUTO_REMAT`."""
+    if mode not in REMAT_MODES:
+        raise ValueError(f"remat must be one of {REMAT_MODES}, not {mode!r}")
+    table = {"none": {}, "auto": AUTO_REMAT, "full": FULL_REMAT}[mode]
+    return tuple((path, table[kind]) for path, kind in remat_units(model) if kind in table)
+
+
+_REMAT_CLASSES = {}
+
+
+def _remat_class(cls, policy):
+    """A subclass of ``cls`` whose ``__call__`` runs ``cls.__call__`` under ``nnx.remat`` (``jax.checkpoint``) with
+    ``policy``: the backward recomputes what the policy does not save. Variables the call writes (train-mode BN
+    statistics) are outputs of the checkpointed function, so they move once per step as without remat."""
+    key = (cls, policy)
+    if key not in _REMAT_CLASSES:
+        base_call = cls.__call__
+
+        def __call__(self, *args, **kwargs):
+            inner = nnx.remat(lambda mod, *a: base_call(mod, *a, **kwargs), policy=_POLICIES[policy])
+            return inner(self, *args)
+
+        _REMAT_CLASSES[key] = type(cls)(f"Remat{cls.__name__}", (cls,), {"__call__": __call__,
+                                                                          "__module__": cls.__module__})
+    return _REMAT_CLASSES[key]
+
+
+def _module_at(model, path):
+    m = model
+    for name in path.split("."):
+        m = m[int(name)] if name.isdigit() else getattr(m, name)
+    return m
+
+
+class remat_applied:
+    """``with remat_applied(m, plan):`` the modules of ``plan`` (:func:`remat_plan`) run rematerialised, in place on
+    ``m`` (a model merged for one trace); their classes are restored on exit."""
+
+    def __init__(self, model, plan):
+        self.mods = [(_module_at(model, path), policy) for path, policy in plan or ()]
+
+    def __enter__(self):
+        self.saved = [(m, m.__class__) for m, _ in self.mods]
+        for m, policy in self.mods:
+            object.__setattr__(m, "__class__", _remat_class(m.__class__, policy))
+        return self
+
+    def __exit__(self, *exc):
+        for m, cls in self.saved:
+            object.__setattr__(m, "__class__", cls)
+        return False
+
+
+def _train_loss(graphdef, params, rest, train_bn, *args, remat=None):
+    """``model.loss(*args)`` on the merged model, BN in training mode when ``train_bn``, the modules of the
+    ``remat`` plan (:func:`remat_plan`) rematerialised; returns (total, (logs, new rest)): the rest with the
+    statistics the train-mode BN layers moved (``rest`` itself otherwise)."""
     m = nnx.merge(graphdef, params, rest, copy=True)  # fresh variables of this trace: train-mode BN writes them
     if train_bn:
         set_train_mode(m)
-    total, aux = m.loss(*args)
+    with remat_applied(m, remat):
+        total, aux = m.loss(*args)
     new_rest = nnx.split(m, nnx.Param, ...)[2] if train_bn else rest
     return total, (aux, new_rest)
 
@@ -134,18 +236,21 @@ def state_dict_of(graphdef, params, rest, which=None) -> dict:
 
 
 def loss_and_grads(model, batch, key, inject=None, with_stages=False, mask_rows=None, with_state=False,
-                   train_bn=True):
+                   train_bn=True, remat="none"):
     """(logs, grads as {visdet key: numpy array in torch layout}[, stages][, state]) of ``model.loss`` (its
     ``inject`` and ``mask_rows`` arguments), jitted. ``train_bn``: BN as in training (:func:`set_train_mode`; the
     two-stage family's BN never trains); ``model`` itself is not changed. ``with_state``: also the model's
     non-parameter variables after the step ({visdet key: numpy}: BN running statistics and
-    ``num_batches_tracked``, moved by the train-mode BN layers)."""
+    ``num_batches_tracked``, moved by the train-mode BN layers). ``remat``: ``none`` / ``auto`` / ``full``
+    (:func:`remat_plan`; the values are the same, the memory and time differ)."""
+    plan = remat_plan(model, remat)
     graphdef, params, rest = split(model)
     train_bn = train_bn and trains_bn(model)
 
     @jax.jit
     def f(params, rest, batch, key, inject):
-        inner = lambda p: _train_loss(graphdef, p, rest, train_bn, batch, key, inject, with_stages, mask_rows)  # noqa: E731
+        inner = lambda p: _train_loss(graphdef, p, rest, train_bn, batch, key, inject, with_stages, mask_rows,  # noqa: E731
+                                      remat=plan)
         return jax.value_and_grad(inner, has_aux=True)(params)
 
     (_, (aux, new_rest)), grads = f(params, rest, batch, key, inject)
@@ -179,14 +284,19 @@ class TrainState:
 
     BN layers run in visdet's training mode inside the step (:func:`set_train_mode`; ``model`` and
     :meth:`model` stay in eval mode) and ``rest`` holds their moved statistics after each step. ``ema``: an
-    :class:`~flaxdet.training.ema.EMAConfig` to keep an average of the weights (:meth:`ema_model`)."""
+    :class:`~flaxdet.training.ema.EMAConfig` to keep an average of the weights (:meth:`ema_model`).
+
+    ``remat``: rematerialisation of the step's activations (:func:`remat_plan`): ``none`` keeps every activation
+    the backward needs, ``full`` keeps only each unit's inputs (backbone blocks, neck, heads) and recomputes the
+    rest in the backward, ``auto`` (default) the per-unit policies chosen by measurement. Same losses, gradients
+    and BN statistics in every mode."""
     MASK_ROWS_WINDOW = 10  # steps of positives the mask branch's row bucket is chosen from
     # a factor over them; 1: the window's maximum is the margin (demo fine-tune, positives 15-81 rows per
     # image: 1.25 put 121 of 150 steps on the 128-row bucket at 1.15 s/step, 1.0 put 98 on 64 rows at
     # 0.62 s/step; a re-run costs one step, and a compile the first time)
     MASK_ROWS_HEADROOM = 1.0
 
-    def __init__(self, model, tx, step=0, dtype=None, ema=None):
+    def __init__(self, model, tx, step=0, dtype=None, ema=None, remat="auto"):
         from flaxdet.training.ema import EMA
 
         check_trainable(model.cfg)
@@ -194,6 +304,7 @@ class TrainState:
             set_compute_dtype(model, dtype)
         set_train_mode(model, False)
         self.train_bn = trains_bn(model)
+        self.remat = remat_plan(model, remat)  # ((module path, policy), ...): static in the step
         self.graphdef, params, rest = split(model)
         # own buffers: the step donates them, and ``model`` stays usable
         self.params, self.rest = jax.tree.map(jnp.array, params), jax.tree.map(jnp.array, rest)
@@ -240,7 +351,7 @@ class TrainState:
         come back unchanged, for the caller to re-run it with more rows."""
         def inner(p):  # frozen parameters are constants here: their gradients are never computed
             return _train_loss(self.graphdef, stop_frozen(p, self.frozen), rest, self.train_bn, batch, key, None,
-                               False, mask_rows)
+                               False, mask_rows, remat=self.remat)
 
         (_, (logs, new_rest)), grads = jax.value_and_grad(inner, has_aux=True)(params)  # frozen: exact zeros
         updates, new_opt = self.tx.update(grads, opt_state, params)
