@@ -7,11 +7,22 @@ multiples of 128, for datasets of many image sizes (each new padded size costs o
 the right/bottom border by float noise -- detections stay equal in practice but are no longer
 guaranteed bit-comparable with visdet. The mask canvas is padded to a multiple of 256 either way
 (masks are cropped back to each original size on the host, which costs no parity).
+
+Many images (:func:`detect_stream`, :meth:`Detector.stream`, ``flaxdet infer`` on a folder): decoding and
+resizing run in background threads, images are batched by shape bucket (each batch one padded shape, so no
+image is padded more than alone), the model runs in its own thread while the caller handles earlier results,
+and results come back in input order. A batch's detections are those of :meth:`Detector.detect` on the same
+images (at batch 1, those of one image at a time; a batch of several rounds some convolutions differently).
 """
 from __future__ import annotations
 
+import glob
 import math
+import queue
+import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -22,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from flaxdet.config import TwoStageDetectorCfg, test_scale
-from flaxdet.data.transforms import load_image, resize_keep_ratio
+from flaxdet.data.transforms import ImageError, load_image, resize_keep_ratio
 from flaxdet.fast_paths.mask_rows import mask_rows_for_count
 from flaxdet.models import TwoStageDetector, build_detector
 from flaxdet.nn import set_compute_dtype
@@ -119,6 +130,22 @@ class Detector:
             names = [self.classes[i] if self.classes and i < len(self.classes) else str(i) for i in d["labels"]]
             out.append(Detections(d["bboxes"], d["scores"], d["labels"], names, d.get("masks")))
         return out[0] if single else out
+
+    def stream(self, images, batch_size=1, scale=None, bucket="exact", workers=2):
+        """Detections for many images, in input order: yields ``(source, Detections)``, or ``(source, ImageError)``
+        for an input that cannot be read (not raised). ``images``: paths, folders (their image files, sorted),
+        glob patterns ("photos/*.jpg") and (H, W, 3) uint8 BGR arrays. Decoding and resizing run in ``workers``
+        threads, batches of up to ``batch_size`` images of one shape bucket run while the caller handles the
+        previous results (:func:`detect_stream`)."""
+        scale = scale or test_scale(self.cfg)
+        for r in detect_stream(self, expand_inputs(images), scale, batch_size, bucket,
+                               self.cfg.data_preprocessor.pad_size_divisor, workers):
+            if r.error is not None:
+                yield r.source, r.error
+                continue
+            d = r.detections
+            names = [self.classes[i] if self.classes and i < len(self.classes) else str(i) for i in d["labels"]]
+            yield r.source, Detections(d["bboxes"], d["scores"], d["labels"], names, d.get("masks"))
 
     def refresh(self):
         """Call after changing the model's variables in place."""
@@ -218,3 +245,196 @@ def unpad(dets, batch: Batch):
             r["masks"] = np.array(m[:c, :h, :w]) if v[:c].all() else m[v][:, :h, :w]
         results.append(r)
     return results
+
+
+# -- many images: inputs, batches by shape bucket, the pipeline ----------------------------------------------
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".jp2", ".pbm", ".pgm", ".ppm")
+
+
+def _is_glob(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def expand_inputs(inputs):
+    """Image inputs as given -> one entry per image, in order: a file path as it is, a folder as its image files
+    (by suffix, :data:`IMAGE_SUFFIXES`; sorted, not recursive), a glob pattern that names no file as its matches
+    (sorted), an array as it is. A folder without image files or a pattern matching nothing becomes an
+    :class:`ImageError` entry (reported and skipped like an unreadable file)."""
+    if isinstance(inputs, str | Path | np.ndarray):
+        inputs = [inputs]
+    out = []
+    for x in inputs:
+        if isinstance(x, np.ndarray | ImageError):
+            out.append(x)
+            continue
+        p = Path(x)
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            out += files or [ImageError(f"{p} is a folder without image files ({', '.join(IMAGE_SUFFIXES)})")]
+        elif not p.exists() and _is_glob(str(x)):
+            files = sorted(Path(f) for f in glob.glob(str(x)) if Path(f).is_file())
+            out += files or [ImageError(f"no file matches {x}")]
+        else:
+            out.append(p)
+    return out
+
+
+class _Batcher:
+    """Forms batches by shape bucket (see :func:`plan_batches`): ``add`` each input in order (``key`` None: no
+    image), it returns the batches that are ready; ``rest`` the remaining ones, oldest first."""
+
+    def __init__(self, batch_size, window):
+        self.batch_size, self.window, self.open = batch_size, window, {}
+
+    def add(self, i, key, item):
+        ready = []
+        if key is not None:
+            self.open.setdefault(key, []).append((i, item))
+            if len(self.open[key]) == self.batch_size:
+                ready.append(self.open.pop(key))
+        while self.open:
+            oldest = min(self.open, key=lambda b: self.open[b][0][0])
+            if i - self.open[oldest][0][0] < self.window:
+                break
+            ready.append(self.open.pop(oldest))
+        return [[item for _, item in b] for b in ready]
+
+    def rest(self):
+        out = sorted(self.open.values(), key=lambda b: b[0][0])
+        self.open = {}
+        return [[item for _, item in b] for b in out]
+
+
+def plan_batches(keys, batch_size, window=None):
+    """Batches of input positions by shape bucket, as :func:`detect_stream` forms them: ``keys[i]`` is image i's
+    bucket (None: no image, never batched). Images join their bucket's open batch; a batch goes when it holds
+    ``batch_size`` images, or -- so that results leave in input order without waiting long -- when its first
+    image is ``window`` (default ``4 * batch_size``) positions behind the newest input; the rest go at the end,
+    oldest first. Deterministic: the same inputs give the same batches, whatever the timing."""
+    b = _Batcher(batch_size, window or 4 * batch_size)
+    out = []
+    for i, k in enumerate(keys):
+        out += b.add(i, k, i)
+    return out + b.rest()
+
+
+@dataclass
+class StreamResult:
+    """One input of :func:`detect_stream`."""
+
+    index: int
+    source: object  # the path (or array) as given
+    image: np.ndarray | None  # the decoded original (H, W, 3) uint8 BGR, None when unreadable
+    detections: dict | None  # Detector.detect's per-image dict, None when unreadable
+    error: Exception | None = None
+
+
+@dataclass
+class _Loaded:
+    index: int
+    source: object
+    image: np.ndarray | None = None
+    resized: np.ndarray | None = None
+    meta: dict | None = None
+    error: Exception | None = None
+
+
+def _load(index, source, scale):
+    if isinstance(source, Exception):
+        return _Loaded(index, source, error=source)
+    try:
+        img = load_image(source) if isinstance(source, str | Path) else np.asarray(source)
+        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+            raise ImageError(f"an image array must be (H, W, 3) uint8 BGR, got {img.shape} {img.dtype}")
+    except ImageError as e:
+        return _Loaded(index, source, error=e)
+    resized, meta = resize_keep_ratio(img, scale)
+    return _Loaded(index, source, img, resized, meta)
+
+
+_DONE = object()
+
+
+def detect_stream(det, inputs, scale, batch_size=1, bucket="exact", pad_divisor=32, workers=2, window=None):
+    """Pipelined :meth:`Detector.detect` over many inputs; yields :class:`StreamResult` in input order.
+
+    ``inputs``: paths, arrays or exceptions (see :func:`expand_inputs`). ``workers`` threads decode and resize
+    (OpenCV releases the GIL) up to a few batches ahead; a model thread forms batches by shape bucket as
+    :func:`plan_batches` does (a bucket: the resized size padded to ``pad_divisor``, or 128 with
+    ``bucket="coarse"``) and runs ``det.detect`` on each, while the caller's thread consumes earlier results;
+    at most two batches of results wait for the caller. An exception in the model thread is raised in the
+    caller's after the results before it."""
+    inputs = list(inputs)
+    window = window or 4 * batch_size
+    div = BUCKET_DIVISORS[bucket] or pad_divisor
+    results, stop = queue.Queue(maxsize=2), threading.Event()
+
+    def put(msg):
+        while not stop.is_set():
+            try:
+                results.put(msg, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def run(batch):
+        if stop.is_set():
+            return
+        dets = det.detect([b.resized for b in batch], [b.meta for b in batch], bucket=bucket)
+        put([StreamResult(b.index, b.source, b.image, d) for b, d in zip(batch, dets)])
+
+    def model_thread():
+        try:
+            with ThreadPoolExecutor(max(1, workers), thread_name_prefix="flaxdet-load") as pool:
+                todo, ahead = iter(enumerate(inputs)), deque()
+
+                def fill():  # decode a few batches ahead, no more (memory)
+                    while len(ahead) < window + 2 * batch_size:
+                        nxt = next(todo, None)
+                        if nxt is None:
+                            return
+                        ahead.append(pool.submit(_load, *nxt, scale))
+
+                batcher = _Batcher(batch_size, window)
+                fill()
+                while ahead and not stop.is_set():
+                    rec = ahead.popleft().result()
+                    fill()
+                    key = None
+                    if rec.error is not None:
+                        put([StreamResult(rec.index, rec.source, None, None, rec.error)])
+                    else:
+                        h, w = rec.resized.shape[:2]
+                        key = (_round_up(h, div), _round_up(w, div))
+                    for batch in batcher.add(rec.index, key, rec):
+                        run(batch)
+                for batch in batcher.rest():
+                    run(batch)
+                for f in ahead:
+                    f.cancel()
+            put(_DONE)
+        except BaseException as e:  # noqa: BLE001  (handed to the caller's thread)
+            put(e)
+
+    th = threading.Thread(target=model_thread, name="flaxdet-model", daemon=True)
+    th.start()
+    waiting, nxt = {}, 0
+    try:
+        while True:
+            msg = results.get()
+            if msg is _DONE:
+                break
+            if isinstance(msg, BaseException):
+                while nxt in waiting:  # what came before the failure
+                    yield waiting.pop(nxt)
+                    nxt += 1
+                raise msg
+            for r in msg:
+                waiting[r.index] = r
+            while nxt in waiting:
+                yield waiting.pop(nxt)
+                nxt += 1
+    finally:
+        stop.set()
+        th.join(timeout=60)

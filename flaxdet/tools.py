@@ -22,9 +22,9 @@ from flaxdet.config import (
     test_scale,
     with_num_classes,
 )
-from flaxdet.data.transforms import ImageError, load_image, prepare_test_image, resize_keep_ratio
+from flaxdet.data.transforms import ImageError, prepare_test_image
 from flaxdet.evaluation import detections_to_coco
-from flaxdet.inference import Detector, make_batch, unpad
+from flaxdet.inference import Detector, detect_stream, expand_inputs, make_batch, unpad
 from flaxdet.models import build_detector
 from flaxdet.parity import format_table
 from flaxdet.parity.harness import compare_stages, flaxdet_stages, geometry_of, torch_stages
@@ -391,15 +391,18 @@ def _category_ids(meta, n_classes, log):
 
 
 def run_infer(checkpoint, images, out_dir, config=None, scale=None, score_thr=0.3, batch_size=1,
-              progress=True, log=print, bucket="exact", dtype=None, num_classes=None):
+              progress=True, log=print, bucket="exact", dtype=None, num_classes=None, workers=2):
     """Detect on image files; write COCO-format results JSON (+ RLE masks) and overlay PNGs.
+    ``images``: files, folders (their image files) and glob patterns (:func:`flaxdet.inference.expand_inputs`).
     ``dtype``: compute dtype ("bfloat16": mixed precision; see flaxdet.nn.set_compute_dtype); ``scale``: the
-    test resize (default: the model's, :func:`flaxdet.config.test_scale`).
+    test resize (default: the model's, :func:`flaxdet.config.test_scale`). Pipelined
+    (:func:`flaxdet.inference.detect_stream`): ``workers`` threads decode and resize ahead, batches of up to
+    ``batch_size`` images of one shape bucket run while earlier results are written.
 
-    Results are appended to ``OUT/results.jsonl`` (one line per image, flushed) as each batch finishes, so a crash
-    keeps what was done; at the end they are merged into ``results.json`` + ``images.json`` and the JSON lines file
-    is removed. ``category_id`` is the model directory's COCO category id when it keeps them (``category_ids`` in
-    meta.json), else the 0-based label. Raises CommandError when no input could be read."""
+    Results are appended to ``OUT/results.jsonl`` (one line per image, flushed) as they come, in input order, so
+    a crash keeps what was done; at the end they are merged into ``results.json`` + ``images.json`` and the JSON
+    lines file is removed. ``category_id`` is the model directory's COCO category id when it keeps them
+    (``category_ids`` in meta.json), else the 0-based label. Raises CommandError when no input could be read."""
     p = Path(checkpoint)
     if p.is_dir():
         model, classes, meta = load_model_dir(p)
@@ -412,48 +415,40 @@ def run_infer(checkpoint, images, out_dir, config=None, scale=None, score_thr=0.
     det = Detector(model, classes, dtype=dtype)
     out = Path(out_dir)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
-    paths = [Path(p) for p in images]
-    overlay_names = _overlay_names(paths)
+    inputs = expand_inputs(images)
+    files = [i for i, x in enumerate(inputs) if isinstance(x, Path)]
+    overlay_names = dict(zip(files, _overlay_names([inputs[i] for i in files])))
     results, images_json, skipped = [], [], []
     partial = out / "results.jsonl"
-    bar = tqdm(total=len(paths), desc="infer", unit="img", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=len(inputs), desc="infer", unit="img", disable=not progress, file=sys.stderr)
     with open(partial, "w") as jl:
-        for start in range(0, len(paths), batch_size):
-            chunk = list(zip(paths, overlay_names))[start:start + batch_size]
-            originals, resized, metas = [], [], []
-            for p, name in chunk:
-                try:
-                    im = load_image(p)
-                except ImageError as e:
-                    log(f"skipping: {e}")
-                    skipped.append(str(p))
-                    bar.update(1)
-                    continue
-                r, m = resize_keep_ratio(im, scale)
-                originals.append((p, name, im))
-                resized.append(r)
-                metas.append(m)
-            if not resized:
+        for r in detect_stream(det, inputs, scale, batch_size, bucket, model.cfg.data_preprocessor.pad_size_divisor,
+                               workers):
+            bar.update(1)
+            if r.error is not None:
+                if not isinstance(r.error, ImageError):
+                    raise r.error
+                log(f"skipping: {r.error}")
+                skipped.append(str(r.source))
                 continue
-            for (p, name, im), d in zip(originals, det.detect(resized, metas, bucket=bucket)):
-                image_id = len(images_json) + 1
-                info = dict(id=image_id, file_name=str(p), height=im.shape[0], width=im.shape[1],
-                            overlay=f"overlays/{name}")
-                rows = detections_to_coco(d, image_id, cat_ids or range(max(n_cls, max(d["labels"], default=-1) + 1)))
-                for r, lab in zip(rows, d["labels"]):
-                    if classes:
-                        r["category_name"] = classes[lab] if lab < len(classes) else str(int(lab))
-                cv2.imwrite(str(out / "overlays" / name), draw_detections(im, d, classes, score_thr))
-                jl.write(json.dumps(dict(image=info, results=rows)) + "\n")
-                images_json.append(info)
-                results += rows
-                bar.update(1)
+            p, im, d, name = r.source, r.image, r.detections, overlay_names[r.index]
+            image_id = len(images_json) + 1
+            info = dict(id=image_id, file_name=str(p), height=im.shape[0], width=im.shape[1],
+                        overlay=f"overlays/{name}")
+            rows = detections_to_coco(d, image_id, cat_ids or range(max(n_cls, max(d["labels"], default=-1) + 1)))
+            for row, lab in zip(rows, d["labels"]):
+                if classes:
+                    row["category_name"] = classes[lab] if lab < len(classes) else str(int(lab))
+            cv2.imwrite(str(out / "overlays" / name), draw_detections(im, d, classes, score_thr))
+            jl.write(json.dumps(dict(image=info, results=rows)) + "\n")
             jl.flush()
+            images_json.append(info)
+            results += rows
     bar.close()
     if not images_json:
         partial.unlink(missing_ok=True)
-        raise CommandError(f"none of the {len(paths)} input(s) could be read ({short_repr(skipped)}); give image "
-                           "files OpenCV can decode (a folder: FOLDER/*.jpg)")
+        raise CommandError(f"none of the {len(inputs)} input(s) could be read ({short_repr(skipped)}); give image "
+                           "files OpenCV can decode, folders of them, or glob patterns (\"photos/*.jpg\")")
     _write_json_atomic(out / "results.json", results)
     _write_json_atomic(out / "images.json", dict(images=images_json, classes=classes,
                                                  category_ids=cat_ids, skipped=skipped))

@@ -175,10 +175,11 @@ def test_results_survive_a_crash(fake, model_dir, photos, tmp_path, capsys):
 
 
 def test_nothing_readable_is_an_error(fake, model_dir, photos, tmp_path, capsys):
-    rc, out, err = _infer(model_dir, [photos / "a", photos / "broken.jpg", photos / "nope.jpg"], tmp_path / "o",
-                          capsys)
+    empty = tmp_path / "empty"  # a folder is read as its image files (issue 18): this one has none
+    empty.mkdir()
+    rc, out, err = _infer(model_dir, [empty, photos / "broken.jpg", photos / "nope.jpg"], tmp_path / "o", capsys)
     assert rc == 2 and "none of the 3 input(s) could be read" in err, err
-    assert f"skipping: {photos / 'a'} is a directory, not an image file" in out, out
+    assert f"skipping: {empty} is a folder without image files" in out, out
     assert "cannot decode image" in out and "image not found" in out
     assert not (tmp_path / "o" / "results.json").exists()
 
