@@ -184,13 +184,21 @@ class CocoDataset:
         return out
 
 
-def load_train_sample(ds: CocoDataset, rec: Record, scale, flip: bool, with_masks=True):
-    """One image through the train pipeline: (image, gt dict, meta). GT is resized with the image."""
+def decode_train_image(rec: Record) -> np.ndarray:
+    """Decode record ``rec``'s image (BGR uint8; :class:`flaxdet.data.transforms.ImageError` when unreadable), warning
+    when its size differs from the annotation's."""
     img = load_image(rec.path)
     h, w = img.shape[:2]
     if (h, w) != (rec.height, rec.width):
         warnings.warn(f"{rec.path}: size {w}x{h} differs from the annotation's {rec.width}x{rec.height}",
                       stacklevel=2)
+    return img
+
+
+def resize_train_sample(ds, rec: Record, img: np.ndarray, scale, with_masks=True):
+    """visdet's keep-ratio ``Resize`` of a decoded image, with its GT boxes (x scale factor) and masks (nearest;
+    ``ds.masks(rec)`` decodes them): (image, gt dict, meta), not flipped."""
+    h, w = img.shape[:2]
     nw, nh = rescale_size(w, h, scale)
     img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)
     sx, sy = nw / w, nh / h
@@ -200,13 +208,24 @@ def load_train_sample(ds: CocoDataset, rec: Record, scale, flip: bool, with_mask
         m = ds.masks(rec)
         masks = np.stack([cv2.resize(x, (nw, nh), interpolation=cv2.INTER_NEAREST) for x in m]) if len(m) \
             else np.zeros((0, nh, nw), np.uint8)
-    if flip:
-        img = img[:, ::-1].copy()
-        boxes = np.stack([nw - boxes[:, 2], boxes[:, 1], nw - boxes[:, 0], boxes[:, 3]], 1) if len(boxes) else boxes
-        if masks is not None:
-            masks = masks[:, :, ::-1].copy()
-    meta = dict(ori_shape=(h, w), img_shape=(nh, nw), scale_factor=(sx, sy, sx, sy), flip=flip)
+    meta = dict(ori_shape=(h, w), img_shape=(nh, nw), scale_factor=(sx, sy, sx, sy), flip=False)
     return img, dict(bboxes=boxes, labels=rec.labels, masks=masks), meta
+
+
+def flip_train_sample(img, gt, meta):
+    """visdet's horizontal ``RandomFlip`` applied: image, GT boxes and masks mirrored."""
+    nw = img.shape[1]
+    boxes = gt["bboxes"]
+    img = img[:, ::-1].copy()
+    boxes = np.stack([nw - boxes[:, 2], boxes[:, 1], nw - boxes[:, 0], boxes[:, 3]], 1) if len(boxes) else boxes
+    masks = gt["masks"][:, :, ::-1].copy() if gt["masks"] is not None else None
+    return img, dict(gt, bboxes=boxes, masks=masks), dict(meta, flip=True)
+
+
+def load_train_sample(ds: CocoDataset, rec: Record, scale, flip: bool, with_masks=True):
+    """One image through the train pipeline: (image, gt dict, meta). GT is resized with the image."""
+    sample = resize_train_sample(ds, rec, decode_train_image(rec), scale, with_masks)
+    return flip_train_sample(*sample) if flip else sample
 
 
 def bucket_for(img_shape, scale, divisor=32):
@@ -297,12 +316,7 @@ class TrainLoader:
                 samples[slot] = s
         # one bucket per batch: the orientation of the first image decides, others are resized to fit
         bucket = bucket_for(samples[0][2]["img_shape"], self.scale)
-        fitted = []
-        for img, gt, meta in samples:
-            if img.shape[0] > bucket[0] or img.shape[1] > bucket[1]:
-                img, gt, meta = _fit(img, gt, meta, bucket)
-            fitted.append((img, gt, meta))
-        return collate(fitted, bucket, self.max_gt), epoch
+        return collate(fit_to_bucket(samples, bucket), bucket, self.max_gt), epoch
 
     def batches(self, start_step, num_steps):
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
@@ -330,6 +344,11 @@ class TrainLoader:
                 yield item
         finally:
             stop.set()
+
+
+def fit_to_bucket(samples, bucket):
+    """The batch's samples with any image larger than ``bucket`` (the other orientation) shrunk into it."""
+    return [_fit(*s, bucket) if s[0].shape[0] > bucket[0] or s[0].shape[1] > bucket[1] else s for s in samples]
 
 
 def _fit(img, gt, meta, bucket):
