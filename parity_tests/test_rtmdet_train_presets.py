@@ -6,10 +6,14 @@ so some of its priors are invalid) with seeded elliptical GT. Both sides index t
 default; visdet's kernel-index bug is checked against the goldens in test_rtmdet_train_goldens.py).
 
 tiny presets by default, the others ``slow``. Tolerances: flaxdet.parity.TOLERANCES (``rtmdet.train.*``,
-``train.grad``).
+``train.grad``). The tiny presets are held to them strictly. Deeper seeded models in train mode are ill-conditioned:
+perturbing reference/'s own input by float32 rounding (1e-7 relative) moves its loss terms by ~3e-6 and some of its
+gradients by up to 12% (rtmdet_ins_m, measured); for them a quantity also passes when flaxdet's difference from
+reference/ is within ``rtmdet.train.sensitivity`` times that perturbation's effect on reference/ itself.
 """
 from __future__ import annotations
 
+import copy
 import gc
 
 import jax
@@ -72,6 +76,18 @@ def crops():
     return out
 
 
+def reference_step(ref, pre, metas, gts, stages, kw):
+    """reference/'s training step on a fresh copy of ``ref`` (train mode): (raw losses as floats, gradients by key,
+    state_dict after the step)."""
+    m = copy.deepcopy(ref)
+    m.train()
+    raw = m.loss(pre, metas, gts, stages=stages, **kw)
+    sum(sum(v) if isinstance(v, list) else v for v in raw.values()).backward()
+    raw = {k: ([float(x) for x in v] if isinstance(v, list) else float(v)) for k, v in raw.items()}
+    grads = {k: p.grad.numpy() for k, p in m.named_parameters(remove_duplicate=False) if p.grad is not None}
+    return raw, grads, {k: v.numpy() for k, v in m.state_dict().items()}
+
+
 def flax_step(model, batch):
     set_bn_training(model, True)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -99,23 +115,26 @@ def test_train_step_equal(name, crops):
     ref = build_reference(cfg)
     condition_reg(ref, cfg)
     sd = {k: v.detach().clone().numpy() for k, v in ref.state_dict().items()}
+    factor = TOLERANCES["rtmdet.train.sensitivity"].rtol
     model = build_detector(cfg)
     assert load_visdet_state_dict(model, sd).ok
     ins = "ins" in name
 
-    # reference/: train mode, correct kernel indexing
-    ref.train()
+    # reference/: train mode, correct kernel indexing, on the preprocessed batch
     hp, wp = SIZES_HW[0]
     images = [torch.from_numpy(im).permute(2, 0, 1).contiguous() for im, _ in crops]
+    pre, _ = ref.data_preprocessor(images)
+    metas = [dict(img_shape=im.shape[:2]) for im, _ in crops]
     gts = [dict(g) if ins else {k: g[k] for k in ("bboxes", "labels")} for _, g in crops]
-    stages = {}
     kw = dict(emulate_kernel_index_bug=False) if ins else {}
-    raw = ref.loss(images, [{} for _ in crops], gts, stages=stages, **kw)
-    total = sum(sum(v) if isinstance(v, list) else v for v in raw.values())
-    total.backward()
-    raw = {k: ([float(x) for x in v] if isinstance(v, list) else float(v)) for k, v in raw.items()}
-    ref_grads = {k: p.grad.numpy() for k, p in ref.named_parameters(remove_duplicate=False) if p.grad is not None}
-    ref_after = {k: v.numpy() for k, v in ref.state_dict().items()}
+    stages = {}
+    raw, ref_grads, ref_after = reference_step(ref, pre, metas, gts, stages, kw)
+    strict = name.endswith("_tiny")
+    sens = None
+    if not strict:  # reference/'s own change under a float32-rounding-sized perturbation of its input
+        g = torch.Generator().manual_seed(5)
+        noisy = pre * (1 + 1e-7 * torch.randn(pre.shape, generator=g))
+        sens = reference_step(ref, noisy, metas, gts, {}, kw)
 
     # flaxdet: the same batch (BGR crops zero-padded, visdet's per-image pad_shape)
     imgs = np.zeros((len(crops), hp, wp, 3), np.uint8)
@@ -137,7 +156,16 @@ def test_train_step_equal(name, crops):
     if ins:
         errs["loss_mask"] = abs(logs["loss_mask"] - float(raw["loss_mask"])) / abs(float(raw["loss_mask"]))
     print(name, "loss errors", {k: float(v) for k, v in errs.items()})
-    assert max(errs.values()) <= tol, errs
+    bound = {k: tol for k in errs}
+    if sens is not None:
+        for key in ("loss_cls", "loss_bbox"):
+            scale = sum(abs(float(x)) for x in raw[key])
+            for lvl in range(3):
+                d = abs(float(sens[0][key][lvl]) - float(raw[key][lvl])) / scale
+                bound[f"{key}.{lvl}"] = max(tol, factor * d)
+        if ins:
+            bound["loss_mask"] = max(tol, factor * abs(sens[0]["loss_mask"] - raw["loss_mask"]) / abs(raw["loss_mask"]))
+    assert all(errs[k] <= bound[k] for k in errs), (errs, bound)
     for i in range(len(crops)):  # the same positives
         if f"valid_flags_img{i}" in stages:
             v = stages[f"valid_flags_img{i}"].numpy()
@@ -145,13 +173,17 @@ def test_train_step_equal(name, crops):
             np.testing.assert_array_equal(np.asarray(st["assign"]["gt_inds"][i])[v],
                                           stages[f"assign_img{i}_gt_inds"].numpy())
     gtol = TOLERANCES["train.grad"].rtol
-    errs = {k: float(np.abs(grads[k] - g).max() / max(np.abs(g).max(), 1e-12)) for k, g in ref_grads.items()}
+    rel = lambda a, b: float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))  # noqa: E731
+    errs = {k: rel(grads[k], g) for k, g in ref_grads.items()}
+    bound = {k: gtol if sens is None else max(gtol, factor * rel(sens[1][k], g)) for k, g in ref_grads.items()}
     print(name, "worst gradients", sorted(errs.items(), key=lambda kv: -kv[1])[:3])
-    assert len(errs) > 100 and max(errs.values()) <= gtol, sorted(errs.items(), key=lambda kv: -kv[1])[:5]
+    bad = {k: (errs[k], bound[k]) for k in errs if errs[k] > bound[k]}
+    assert len(errs) > 100 and not bad, bad
     btol = TOLERANCES["rtmdet.train.bn_stats"].rtol
     for k, want in ref_after.items():
         if k.endswith(("running_mean", "running_var")):
-            assert np.abs(after[k] - want).max() <= btol * max(np.abs(want).max(), 1e-12), k
+            b = btol if sens is None else max(btol, factor * rel(sens[2][k], want))
+            assert rel(after[k], want) <= b, k
         elif k.endswith("num_batches_tracked"):
             assert int(after[k]) == int(want), k
     del model, ref
