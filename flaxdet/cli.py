@@ -205,6 +205,14 @@ def build_parser():
                    help="also track the run in MLflow at URI (file:/path/mlruns, http://host:5000, ...): the settings "
                    "as params, per-step metrics, OUT/model as an artifact (needs the mlflow extra)")
     s.add_argument("--mlflow-experiment", default="flaxdet", help="MLflow experiment name (default flaxdet)")
+    s.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="multi-process training: process 0's address (jax.distributed.initialize); run the same "
+                   "command in every process with its --process-id; each loads its share of the global batch")
+    s.add_argument("--num-processes", type=int, help="multi-process training: the number of processes")
+    s.add_argument("--process-id", type=int, help="multi-process training: this process's index (0 .. N-1)")
+    s.add_argument("--distributed", action="store_true",
+                   help="multi-process training on a cluster JAX detects by itself (TPU pods, SLURM, ...): "
+                   "jax.distributed.initialize() with no arguments")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--dtype", choices=DTYPES, default="float32",
                    help=DTYPE_HELP + " Parameters, gradients and optimizer state stay float32.")
@@ -285,6 +293,27 @@ def cmd_infer(args):
     return 0
 
 
+def _init_distributed(args):
+    """``flaxdet train``'s multi-process options -> ``jax.distributed.initialize`` (before JAX starts a backend)."""
+    given = [args.coordinator is not None, args.num_processes is not None, args.process_id is not None]
+    if args.distributed and any(given):
+        raise UsageError("--distributed detects the cluster itself: drop --coordinator/--num-processes/--process-id")
+    if any(given) and not all(given):
+        raise UsageError("multi-process training needs --coordinator HOST:PORT, --num-processes N and "
+                         "--process-id I together")
+    if all(given):
+        if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+            raise UsageError(f"--process-id {args.process_id} of --num-processes {args.num_processes}: the id must "
+                             "be 0 .. N-1")
+        import jax
+
+        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+    elif args.distributed:
+        import jax
+
+        jax.distributed.initialize()
+
+
 def cmd_train(args):
     from flaxdet.api import TrainConfig, train
 
@@ -294,6 +323,7 @@ def cmd_train(args):
         raise UsageError(f"--workers {args.workers}: give 0 (in this process) or more worker processes")
     if args.workers is not None and args.loader != "grain":
         raise UsageError("--workers sets the grain loader's processes: drop it, or use --loader grain")
+    _init_distributed(args)
     cfg = TrainConfig(args.checkpoint, args.ann, args.out, img_dir=args.images, steps=args.steps,
                       batch_size=args.batch_size, scale=_scale(args.scale),  # None: the model's test scale
                       optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,

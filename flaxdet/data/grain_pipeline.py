@@ -299,13 +299,17 @@ class GrainTrainLoader:
     def iterator(self, start_step=0):
         return TrainIterator(self, start_step)
 
-    def batch(self, step):
-        """Step ``step``'s batch (this process's rows), in this process: for tests and inspection."""
+    def batch_in_worker(self, step):
+        """What a worker makes of step ``step`` (this process's rows; GT masks unpadded), in this process."""
         order = SampleOrder(self.source, self.batch_size, self.local_batch, self.row0, self.scale, self.seed,
                             self.flip_prob)
         dec, res = Decode(self.source, order), ResizeWithGT(self.source, self.scale, self.with_masks)
         els = [Flip().map(res.map(dec.map(order.map(step * self.local_batch + j)))) for j in range(self.local_batch)]
-        return expand_masks(PadToBucket(self.max_gt, self.with_masks)(els), self.max_gt)
+        return PadToBucket(self.max_gt, self.with_masks)(els)
+
+    def batch(self, step):
+        """Step ``step``'s batch (this process's rows), in this process: for tests and inspection."""
+        return expand_masks(self.batch_in_worker(step), self.max_gt)
 
 
 class TrainIterator:

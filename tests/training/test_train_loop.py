@@ -1,5 +1,7 @@
-"""Fine-tuning: kill-and-resume equals an uninterrupted run, 8 devices equal 1, empty and crowded images give
-finite losses, a new class count re-initialises only the class-dependent layers."""
+"""Fine-tuning: kill-and-resume equals an uninterrupted run (the grain loader with two worker processes, its state
+in the checkpoints; the thread loader in the slow suite), with the run tracked in TensorBoard and MLflow; 8 devices
+equal 1, empty and crowded images give finite losses, a new class count re-initialises only the class-dependent
+layers."""
 from __future__ import annotations
 
 import dataclasses
@@ -44,11 +46,15 @@ def _params(model_dir):
 
 
 @pytest.mark.goldens
-def test_kill_and_resume_equals_uninterrupted(setup):
+@pytest.mark.parametrize("loader", ["grain", pytest.param("thread", marks=pytest.mark.slow)])
+def test_kill_and_resume_equals_uninterrupted(setup, loader):
     d, ann = setup
-    base = ["train", "--checkpoint", d / "model", "--ann", ann, *TRAIN_ARGS]
+    d = d / loader
+    mlruns = f"file:{d / 'mlruns'}"
+    extra = ["--workers", "2", "--mlflow", mlruns] if loader == "grain" else ["--loader", "thread"]
+    base = ["train", "--checkpoint", d.parent / "model", "--ann", ann, *TRAIN_ARGS, *extra]
     r = _cli(*base, "--out", d / "straight")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stderr[-3000:]
     # the same run, SIGKILLed once its step-2 checkpoint is on disk, then resumed by the same command
     proc = subprocess.Popen([sys.executable, "-m", "flaxdet.cli", *map(str, base), "--out", str(d / "killed")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -59,8 +65,11 @@ def test_kill_and_resume_equals_uninterrupted(setup):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (d / "killed" / "model").exists(), "killed too late to test resuming"
+    if loader == "grain":  # the pipeline's position is in the checkpoint (grain's state, one file per process)
+        state = json.loads((ck / "2" / "data" / "process_0-of-1.json").read_text())
+        assert state["next_step"] == 2 and state["workers"] == 2 and state["grain"]
     r = _cli(*base, "--out", d / "killed")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from step" in r.stdout
     a, b = _params(d / "straight" / "model"), _params(d / "killed" / "model")
     assert all(np.array_equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
@@ -70,8 +79,10 @@ def test_kill_and_resume_equals_uninterrupted(setup):
     assert steps_b[-1] == 4 and (d / "killed" / "loss_curve.png").is_file()
     by_step = {x["step"]: x["loss"] for x in lb}
     assert all(by_step[x["step"]] == x["loss"] for x in la), "per-step losses must match"
+    if loader == "grain":
+        _check_tracking(d, la, mlruns)
     # frozen stem + layer1 (frozen_stages=1) did not move; later stages did
-    src = _params(d / "model")
+    src = _params(d.parent / "model")
     assert np.array_equal(a["backbone.conv1.weight"], src["backbone.conv1.weight"])
     assert np.array_equal(a["backbone.layer1.0.conv1.weight"], src["backbone.layer1.0.conv1.weight"])
     assert np.array_equal(a["backbone.bn1.running_mean"], src["backbone.bn1.running_mean"])
@@ -79,6 +90,36 @@ def test_kill_and_resume_equals_uninterrupted(setup):
     stats = [k for k in src if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     assert stats and all(np.array_equal(a[k], src[k]) for k in stats)
     assert not np.array_equal(a["backbone.layer2.0.conv1.weight"], src["backbone.layer2.0.conv1.weight"])
+
+
+def _check_tracking(d, rows, mlruns):
+    """TensorBoard events (read by tensorboard's own EventAccumulator) and the MLflow runs (read by MLflow's client
+    from the file store) hold the metrics.jsonl losses; the killed run's MLflow run was continued, not duplicated,
+    and TensorBoard purged what the killed attempt logged past its checkpoint."""
+    want = [(x["step"], x["loss"]) for x in rows]
+    ea_mod = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    for run in ("straight", "killed"):
+        ea = ea_mod.EventAccumulator(str(d / run / "tensorboard"))
+        ea.Reload()
+        got = [(e.step, e.value) for e in ea.Scalars("train/loss")]
+        assert [s for s, _ in got] == [s for s, _ in want], (run, got)
+        assert np.allclose([v for _, v in got], [v for _, v in want], rtol=1e-6), (run, got, want)
+    mlflow = pytest.importorskip("mlflow")
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads its file store only when asked
+    client = mlflow.tracking.MlflowClient(tracking_uri=mlruns)
+    runs = {r.data.tags["flaxdet.run_dir"]: r for r in
+            client.search_runs([client.get_experiment_by_name("flaxdet").experiment_id])}
+    assert sorted(runs) == sorted(str((d / x).resolve()) for x in ("straight", "killed"))
+    for run in ("straight", "killed"):
+        info = runs[str((d / run).resolve())]
+        assert info.info.status == "FINISHED" and info.data.params["batch_size"] == "2"
+        assert json.loads((d / run / "mlflow.json").read_text())["run_id"] == info.info.run_id
+        hist = {}
+        for m in sorted(client.get_metric_history(info.info.run_id, "loss"), key=lambda m: m.timestamp):
+            hist[m.step] = m.value  # the resumed run's value last for the steps logged twice
+        assert sorted(hist) == [s for s, _ in want] and np.allclose([hist[s] for s, _ in want], [v for _, v in want])
+        arts = {a.path for a in client.list_artifacts(info.info.run_id, "model")}
+        assert {"model/config.yaml", "model/meta.json"} <= arts, arts
 
 
 DP_SCRIPT = textwrap.dedent("""
