@@ -127,7 +127,7 @@ def worker(spec):
         if spec.get("auto_plan") is not None:
             from flaxdet.training import step as step_mod
 
-            step_mod.AUTO_REMAT = spec["auto_plan"]
+            step_mod.AUTO_REMAT = {None: spec["auto_plan"]}
         state, batch = flaxdet_setup(cfg, spec["ckpt"], imgs, gts, spec["dtype"], spec.get("remat", "auto"))
         key = jax.random.PRNGKey(0)
         t = time.perf_counter()

@@ -219,8 +219,8 @@ def build_parser():
     s.add_argument("--remat", choices=("none", "auto", "full"), default="auto",
                    help="rematerialisation in the train step: recompute activations in the backward instead of "
                    "keeping them (none: keep all, fastest, most memory; full: every backbone block, the neck and "
-                   "the heads; auto (default): the per-stage choice of docs/performance.md). Same losses and "
-                   "gradients in every mode")
+                   "the heads; auto (default): the per-backend choice of docs/performance.md -- on CPU nothing, which "
+                   "saves no memory there). Same losses and gradients in every mode")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="COCO bbox/segm mAP on a COCO-format set",
