@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | cksum | cut -d
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_WORKERS ?= 2
 
-.PHONY: install demo demo-rtmdet test test-slow test-all lint bench bench-quick bench-rtmdet clean
+.PHONY: install demo demo-rtmdet test test-slow test-all lint bench bench-quick bench-rtmdet bench-rtmdet-train clean
 
 $(STAMP):
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.10-3.12)"; exit 1; }
@@ -56,3 +56,8 @@ bench-quick: $(STAMP)
 bench-rtmdet: $(STAMP)
 	$(PY) -m pip install -q -e '.[torch,dev,bench]'
 	$(PY) benchmarks/bench_rtmdet.py
+
+# RTMDet-s train step at 640x640, batch 8: reference/ PyTorch (loss, backward, AdamW) vs flaxdet's jitted step,
+# each side in its own process (peak RSS). Run it on an otherwise idle machine. Options: --help.
+bench-rtmdet-train: $(STAMP)
+	$(PY) benchmarks/bench_rtmdet_train.py

@@ -157,6 +157,39 @@ def synthetic_gt(h, w, k, num_classes, seed=0):
     return dict(bboxes=boxes, labels=rng.integers(0, num_classes, k).astype(np.int64), masks=masks)
 
 
+GOLDEN_PHOTOS = ("rtmdet/rtmdet_tiny/coco_test_12510.npz", "rtmdet/rtmdet_tiny/voc_000001.npz",
+                 "rtmdet/rtmdet_tiny/color.npz")
+
+
+def photo_batch(h, w, n, seed=0):
+    """(``n`` BGR uint8 (h, w, 3) images, source): random crops (60-100% of each side, every other pass
+    flipped) of the real photos recorded in the goldens ($FLAXDET_GOLDENS or ../shared/goldens), resized to
+    (h, w); :func:`synthetic_image` s when the goldens are absent."""
+    import cv2
+    import numpy as np
+
+    root = Path(os.environ.get("FLAXDET_GOLDENS") or REPO.parent / "shared" / "goldens")
+    photos = []
+    for rel in GOLDEN_PHOTOS:
+        if (root / rel).is_file():
+            with np.load(root / rel) as z:
+                photos.append(z["input_bgr_uint8"])
+    if not photos:
+        return [synthetic_image(h, w, seed=seed + i) for i in range(n)], "synthetic (no goldens found)"
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        p = photos[i % len(photos)]
+        ph, pw = p.shape[:2]
+        ch, cw = int(ph * rng.uniform(0.6, 1.0)), int(pw * rng.uniform(0.6, 1.0))
+        y0, x0 = int(rng.integers(0, ph - ch + 1)), int(rng.integers(0, pw - cw + 1))
+        crop = p[y0:y0 + ch, x0:x0 + cw]
+        if (i // len(photos)) % 2:
+            crop = crop[:, ::-1]
+        out.append(np.ascontiguousarray(cv2.resize(crop, (w, h), interpolation=cv2.INTER_LINEAR)))
+    return out, "crops of " + ", ".join(Path(r).stem for r in GOLDEN_PHOTOS if (root / r).is_file())
+
+
 def seeded_state_dict(preset, seed=0):
     """visdet-layout state_dict (numpy) of reference/'s model for ``preset``, torch-seeded."""
     import torch

@@ -7,7 +7,8 @@
 
 Benchmarks: ``convert`` (bench_convert.py), ``infer`` (bench_infer.py: Mask R-CNN R50-FPN, 800x1333 and
 480x640, batch 1 and 4, no-dets / max-dets, flaxdet float32 and bf16), ``swin`` (bench_infer.py --preset
-mask_rcnn_swin_s at 800x1333, batch 1), ``train`` (bench_train.py: one SGD step at batch 2, 800x1333).
+mask_rcnn_swin_s at 800x1333, batch 1), ``train`` (bench_train.py: one SGD step at batch 2, 800x1333),
+``rtmdet_train`` (bench_rtmdet_train.py: one RTMDet-s AdamW step at batch 8, 640x640, issue 17's target).
 Each prints its table and writes its JSON beside SUMMARY.md. The device is whatever torch and JAX pick
 (a GPU when there is one); the summary records the machine and its load average when each run started.
 """
@@ -23,7 +24,8 @@ from pathlib import Path
 import common
 
 HERE = Path(__file__).resolve().parent
-BUDGETS = dict(infer_ratio=1.5, train_ratio=1.2, compile_s=60.0, convert_s=3.0)  # issue 5, CPU, R50-FPN
+BUDGETS = dict(infer_ratio=1.5, train_ratio=1.2, compile_s=60.0, convert_s=3.0,  # issue 5, CPU, R50-FPN
+               rtmdet_train_ratio=1.5)  # issue 17: RTMDet-s 640x640 batch 8, and no more peak RSS than PyTorch
 
 
 def plan(quick, repeats):
@@ -33,15 +35,18 @@ def plan(quick, repeats):
                 "infer": ["bench_infer.py", "--sizes", "256x320", "--batches", "1", "2", *r],
                 "swin": ["bench_infer.py", "--preset", "mask_rcnn_swin_s", "--sizes", "256x320", "--batches", "1",
                          "--scenarios", "max-dets", "--dtypes", "float32", *r],
-                "train": ["bench_train.py", "--size", "256x320", *r]}
+                "train": ["bench_train.py", "--size", "256x320", *r],
+                "rtmdet_train": ["bench_rtmdet_train.py", "--size", "256x256", "--batch", "2", *r]}
     return {"convert": ["bench_convert.py", *r],
             "infer": ["bench_infer.py", *r],
             "swin": ["bench_infer.py", "--preset", "mask_rcnn_swin_s", "--sizes", "800x1333", "--batches", "1",
                      "--dtypes", "float32", "bfloat16", *r],
-            "train": ["bench_train.py", *r]}
+            "train": ["bench_train.py", *r],
+            "rtmdet_train": ["bench_rtmdet_train.py", *r]}
 
 
-FILES = {"convert": "convert.json", "infer": "infer.json", "swin": "infer_mask_rcnn_swin_s.json", "train": "train.json"}
+FILES = {"convert": "convert.json", "infer": "infer.json", "swin": "infer_mask_rcnn_swin_s.json", "train": "train.json",
+         "rtmdet_train": "rtmdet_train.json"}
 
 
 def _load(d, name):
@@ -129,6 +134,31 @@ def summary(d):
         budget.append(f"compile of the train step (per mask-rows bucket): max {comp:.0f} s "
                       f"(target < {BUDGETS['compile_s']:.0f} s): "
                       f"{'met' if comp < BUDGETS['compile_s'] else 'NOT met'}")
+    if data["rtmdet_train"]:
+        d = data["rtmdet_train"]
+        rows = d["results"]
+        dts = rows[0]["dtypes"]
+        lines += [f"## Training step (RTMDet, {d['optimizer']['name']})", "",
+                  f"One step in train mode (BN on batch statistics; forward, losses, backward, AdamW update) at "
+                  f"batch {rows[0]['batch']}, {d['gt_per_image']} GT per image ({d['inputs']}); median of "
+                  f"{d['repeats']} after a warm-up step.", ""]
+        cols = [("preset", "preset", ""), ("size", "size", ""), ("batch", "batch", "d"),
+                ("PyTorch s", lambda r: r["pytorch"]["median_s"], ".2f")]
+        for dt in dts:
+            cols += [(f"flaxdet {dt} s", lambda r, dt=dt: r["flaxdet"][dt]["median_s"], ".2f"),
+                     (f"ratio {dt}", lambda r, dt=dt: r["ratio"][dt], ".2f"),
+                     (f"compile {dt} s",
+                      lambda r, dt=dt: r["flaxdet"][dt]["trace_s"] + r["flaxdet"][dt]["compile_s"], ".0f")]
+        cols += [("peak RSS MB (PyTorch / flaxdet)", lambda r: f"{r['pytorch']['peak_rss_mb']:.0f} / "
+                  + " / ".join(f"{r['flaxdet'][dt]['peak_rss_mb']:.0f}" for dt in r["dtypes"]), "")]
+        lines += [common.md_table(rows, cols), ""]
+        r = rows[0]
+        rss = ", ".join(f"{dt} {r['flaxdet'][dt]['peak_rss_mb']:.0f} MB "
+                        f"({'met' if r['flaxdet'][dt]['peak_rss_mb'] <= r['pytorch']['peak_rss_mb'] else 'NOT met'})"
+                        for dt in dts)
+        budget.append(f"RTMDet training step {r['preset']} {r['size']} batch {r['batch']}: "
+                      + _ratios(r, BUDGETS["rtmdet_train_ratio"])
+                      + f"; peak RSS vs PyTorch's {r['pytorch']['peak_rss_mb']:.0f} MB: {rss}")
     if data["convert"]:
         r = data["convert"]["results"][0]
         fd = r["flaxdet"]
@@ -149,7 +179,7 @@ def summary(d):
         budget.append(f"conversion: {fd['median_s']:.2f} s (target < {BUDGETS['convert_s']:.0f} s): "
                       f"{'met' if fd['median_s'] < BUDGETS['convert_s'] else 'NOT met'}")
     if budget:
-        lines += ["## Budgets (issue 5; CPU targets)", ""] + [f"- {b}" for b in budget] + [""]
+        lines += ["## Budgets (issues 5 and 17; CPU targets)", ""] + [f"- {b}" for b in budget] + [""]
     return "\n".join(lines)
 
 
