@@ -235,7 +235,7 @@ class RTMDetHead(BaseDenseHead):
         bbox_targets = torch.zeros_like(anchors)
         labels = anchors.new_full((n,), self.num_classes, dtype=torch.long)
         label_weights = anchors.new_zeros(n, dtype=torch.float)
-        assign_metrics = anchors.new_zeros(n, dtype=torch.float)
+        assign_metrics = anchors.new_zeros(n, dtype=assign_result.max_overlaps.dtype)  # float32 unless run in float64
         pos_inds, neg_inds = sampling_result.pos_inds, sampling_result.neg_inds
         if len(pos_inds) > 0:
             bbox_targets[pos_inds, :] = sampling_result.pos_gt_bboxes
