@@ -108,15 +108,34 @@ def build_parser():
                    help="class names to store, in label order, instead of the checkpoint's meta.dataset_meta.classes")
     s.set_defaults(func=cmd_convert)
 
-    s = sub.add_parser("export", help="flaxdet model directory -> visdet checkpoint",
+    s = sub.add_parser("export", help="flaxdet model directory -> visdet checkpoint, or a StableHLO artifact",
                        description="Write a flaxdet model back as a visdet checkpoint: .pth (runner-style, "
                        "with meta.dataset_meta.classes) or .safetensors. Keys, layouts and dtypes are visdet's; "
-                       "a visdet -> flaxdet -> visdet round trip is bit-identical.")
+                       "a visdet -> flaxdet -> visdet round trip is bit-identical. With --format stablehlo: a "
+                       "deployable artifact directory instead -- the jitted predict of one input shape bucket "
+                       "serialized with jax.export, the weights, a manifest (input layout, preprocessing "
+                       "constants, class names, category ids) and run_artifact.py, a loader that needs only jax "
+                       "and numpy (and OpenCV for images).")
     s.add_argument("model_dir")
-    s.add_argument("--out", required=True, help="output .pth or .safetensors")
+    s.add_argument("--out", required=True,
+                   help="output .pth or .safetensors; with --format stablehlo, the artifact directory")
     s.add_argument("--key-dialect", choices=("visdet", "mmdet"), default="visdet",
                    help="key spelling: visdet's (default) or upstream MMDetection 3.x's (RTMDet: depthwise_conv / "
                    "pointwise_conv)")
+    s.add_argument("--format", choices=("visdet", "stablehlo"), default="visdet",
+                   help="visdet (default): a checkpoint, .pth or .safetensors by --out's suffix; stablehlo: a "
+                   "jax.export artifact (needs --shape)")
+    s.add_argument("--shape", metavar="HxW",
+                   help="stablehlo: the padded network input, a multiple of the model's pad divisor (32), e.g. "
+                   "800x1088 for 480x640 photos at the test scale 1333x800")
+    s.add_argument("--batch", type=int, default=1, help="stablehlo: images per call (default 1)")
+    s.add_argument("--canvas", metavar="HxW",
+                   help="stablehlo, mask models: the largest original image the masks are pasted on (default: "
+                   "--shape rounded up to 256)")
+    s.add_argument("--scale", nargs=2, default=None, metavar=("LONG", "SHORT"),
+                   help="stablehlo: the keep-ratio resize the loader applies (default: the model's test pipeline, "
+                   "as flaxdet infer)")
+    s.add_argument("--overwrite", action="store_true", help="stablehlo: replace an existing artifact directory")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("parity", help="per-stage comparison of flaxdet against PyTorch on an image",
@@ -267,6 +286,12 @@ def cmd_convert(args):
 
 
 def cmd_export(args):
+    if args.format == "stablehlo":
+        from flaxdet.tools import export_artifact
+
+        export_artifact(args.model_dir, args.out, args.shape, args.batch, args.canvas, args.overwrite,
+                        scale=_scale(args.scale))
+        return 0
     from flaxdet.tools import export_model_dir  # flaxdet.api.export, with the key count
 
     out, n = export_model_dir(args.model_dir, args.out, key_dialect=args.key_dialect)
@@ -394,7 +419,27 @@ def _check_outputs(args):
         return
     if args.command == "convert":
         check_model_dir_target(out, args.overwrite)
+    elif args.command == "export" and args.format == "stablehlo":
+        from flaxdet.artifact import ArtifactError, parse_hw
+
+        if args.shape is None:
+            raise UsageError("--format stablehlo needs --shape HxW (the padded network input, e.g. 800x1088)")
+        try:
+            parse_hw(args.shape)
+            if args.canvas is not None:
+                parse_hw(args.canvas, "--canvas")
+        except ArtifactError as e:
+            raise UsageError(str(e)) from None
+        if args.batch < 1:
+            raise UsageError(f"--batch must be >= 1, got {args.batch}")
+        p = Path(out)
+        if p.exists() and not p.is_dir():
+            raise UsageError(f"--out {out} is a file; --format stablehlo writes a directory")
+        check_writable_dir(p.parent if not p.exists() else p)
     elif args.command == "export":
+        for opt, v in (("--shape", args.shape), ("--canvas", args.canvas), ("--scale", args.scale)):
+            if v is not None:
+                raise UsageError(f"{opt} is for --format stablehlo")
         p = Path(out)
         if p.is_dir():
             raise UsageError(f"--out {out} is a directory; give a file name ending in .pth or .safetensors")

@@ -138,6 +138,22 @@ def export_model_dir(model_dir, out, log=print, key_dialect="visdet"):
     return Path(out), len(sd)
 
 
+def export_artifact(model_dir, out, shape, batch=1, canvas=None, overwrite=False, log=print, scale=None):
+    """flaxdet model dir -> a StableHLO artifact directory (:mod:`flaxdet.artifact`) for the padded input
+    ``shape`` ("HxW" or (H, W)), ``batch`` images per call, masks on ``canvas`` (default: ``shape`` rounded up
+    to 256); ``scale``: the loader's keep-ratio resize (default: the model's test pipeline)."""
+    from flaxdet.artifact import ArtifactError, export_stablehlo, parse_hw
+
+    try:
+        hw = parse_hw(shape) if isinstance(shape, str) else tuple(shape)
+        cv = parse_hw(canvas, "--canvas") if isinstance(canvas, str) else canvas
+        model, classes, meta = load_model_dir(model_dir)
+        return export_stablehlo(model, classes, out, hw, batch, cv, meta, overwrite=overwrite, log=log,
+                                scale=scale)
+    except ArtifactError as e:
+        raise CommandError(str(e)) from None
+
+
 def load_any_model(checkpoint, config=None, num_classes=None):
     """A flaxdet model dir, or a visdet checkpoint (+ config) converted in memory."""
     p = Path(checkpoint)
