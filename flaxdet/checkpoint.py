@@ -88,6 +88,16 @@ def check_model_dir_target(out, overwrite=False, what="--out") -> Path:
     return out
 
 
+def _this_process_only():
+    """orbax options for a save by this process alone (a model directory is written by one process: in a
+    multi-process training run, process 0; the arrays are host copies): no barrier with the other processes."""
+    import jax
+
+    if jax.process_count() == 1:
+        return ocp.options.MultiprocessingOptions()
+    return ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
+
+
 def save_model_dir(out_dir, model, classes=None, meta=None, fmt="orbax", overwrite=False):
     """Write ``model`` (+ its config and class names) to ``out_dir`` atomically. ``overwrite`` replaces an existing
     flaxdet model directory (only that: see :func:`check_model_dir_target`)."""
@@ -102,7 +112,7 @@ def save_model_dir(out_dir, model, classes=None, meta=None, fmt="orbax", overwri
                     flaxdet_version=__import__("flaxdet").__version__)
         (tmp / "meta.json").write_text(json.dumps(info, indent=1))
         if fmt == "orbax":
-            with ocp.StandardCheckpointer() as ckptr:
+            with ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()) as ckptr:
                 ckptr.save((tmp / "params").absolute(), _flat_state(model))
         else:
             save_checkpoint(tmp / "model.safetensors", export_visdet_state_dict(model, info.get("key_order")))

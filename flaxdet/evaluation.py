@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from flaxdet.config import final_bbox_head, is_two_stage, test_scale
 from flaxdet.data.coco import CocoDataset, DatasetError
-from flaxdet.data.transforms import load_image, resize_keep_ratio
+from flaxdet.data.grain_pipeline import eval_inputs
 from flaxdet.inference import Detector
 
 STAT_NAMES = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l", "AR_1", "AR_10", "AR_100", "AR_s", "AR_m",
@@ -95,8 +95,9 @@ def evaluate(model, ann_file, img_dir=None, scale=None, backend="flaxdet", out_j
     predict = _predict_fn(model, backend, ds.classes, bucket)
     results, ids = [], []
     recs = ds.records[:max_images] if max_images else ds.records
-    for rec in tqdm(recs, desc=f"eval ({backend})", unit="img", disable=not progress, file=sys.stderr):
-        img, meta = resize_keep_ratio(load_image(rec.path), scale)
+    inputs = eval_inputs(recs, scale)  # decode + test resize, prefetched by grain while the model runs
+    for rec, img, meta in tqdm(inputs, total=len(recs), desc=f"eval ({backend})", unit="img", disable=not progress,
+                               file=sys.stderr):
         results += detections_to_coco(predict(img, meta), rec.image_id, ds.cat_ids)
         ids.append(rec.image_id)
     if out_json:
