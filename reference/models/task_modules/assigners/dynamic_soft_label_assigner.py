@@ -100,7 +100,8 @@ class DynamicSoftLabelAssigner:
         assigned_gt_inds[valid_mask] = matched_gt_inds + 1
         assigned_labels = assigned_gt_inds.new_full((num_bboxes,), -1)
         assigned_labels[valid_mask] = gt_labels[matched_gt_inds].long()
-        max_overlaps = assigned_gt_inds.new_full((num_bboxes,), -INF, dtype=matched_pred_ious.dtype)  # float32 in visdet; float64 runs too
+        # float32 in visdet; the IoUs' dtype lets reference/ run in float64 too
+        max_overlaps = assigned_gt_inds.new_full((num_bboxes,), -INF, dtype=matched_pred_ious.dtype)
         max_overlaps[valid_mask] = matched_pred_ious
         return AssignResult(num_gt, assigned_gt_inds, max_overlaps, assigned_labels)
 
