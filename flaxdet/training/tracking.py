@@ -38,7 +38,10 @@ class TensorBoardLog:
             raise ConfigError("TensorBoard logging needs tensorboardX (pip install tensorboardX), or turn it off "
                               "(--no-tensorboard)") from e
         self.dir = out / "tensorboard"
-        self.writer = SummaryWriter(logdir=str(self.dir), purge_step=start + 1 if start else None, flush_secs=30)
+        # the file name holds the start time in whole seconds: a resumed attempt within the same second as the last
+        # one would overwrite its file; the resumed step in the suffix keeps them apart, in order
+        self.writer = SummaryWriter(logdir=str(self.dir), purge_step=start + 1 if start else None, flush_secs=30,
+                                    filename_suffix=f".from{start:010d}")
 
     def log(self, rec):
         step = int(rec["step"])
