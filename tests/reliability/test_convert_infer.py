@@ -1,6 +1,6 @@
 """convert / export / infer on damaged or unusual models (issue 19): class names fewer than the head's classes, dtypes
 other than float32 (warned, recorded, restored on export), NaN/Inf weights, and infer's bookkeeping (results kept
-after a crash, no IndexError on short class lists, non-zero exit when nothing was read, directories named as such,
+after a crash, no IndexError on short class lists, non-zero exit when nothing was read, empty folders named as such,
 unique overlay names, COCO category ids from the model directory). The detector is replaced by canned detections
 where only the bookkeeping is under test (no compile)."""
 from __future__ import annotations
