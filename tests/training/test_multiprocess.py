@@ -77,5 +77,8 @@ def test_two_processes_equal_one(tmp_path):
     src = _flat(tmp_path / "model")
     assert moved and not all(np.array_equal(a[k], src[k]) for k in moved)  # BN trained (SyncBN over 2 processes)
     # the same 8-way data-parallel step; the all-reduce runs over gloo between the processes: float32 reduction
-    # order only
+    # order only (observed: losses within 2e-7 relative, parameters and BN statistics within 8.7e-7 of a tensor's
+    # scale; 2-vCPU AMD EPYC, 2026-12, about 5 min under load)
+    print(f"losses {[r['loss'] for r in rows['one']]} vs {[r['loss'] for r in rows['two']]}; max relative parameter "
+          f"/ statistic difference {max(rel.values()):.3g} ({max(rel, key=rel.get)})")
     assert max(rel.values()) <= 1e-5, sorted(rel.items(), key=lambda kv: -kv[1])[:5]
