@@ -78,6 +78,11 @@ def default_workers() -> int:
     return max(1, min(16, cores - 1))
 
 
+def _one_thread(grain):
+    """A worker's read options: one thread making one element ahead (the worker's queue buffers the rest)."""
+    return grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)
+
+
 def _pickled(grain, ds):
     """Batches come back from the workers pickled through a pipe, not in grain's shared-memory blocks: those a
     worker made ahead of the last step are reported "leaked" by Python 3.10-3.12's resource tracker at exit, and a
@@ -290,8 +295,8 @@ class GrainTrainLoader:
               .batch(self.local_batch, drop_remainder=True, batch_fn=PadToBucket(self.max_gt, self.with_masks)))
         if origin:
             ds = ds[origin:]
-        if self.workers > 0:
-            return _pickled(grain, ds.to_iter_dataset()).mp_prefetch(
+        if self.workers > 0:  # one thread per worker (grain's default: 16 threads and 500 elements buffered each)
+            return _pickled(grain, ds.to_iter_dataset(_one_thread(grain))).mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=self.prefetch),
                 worker_init_fn=_worker_init)
         return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=self.prefetch))
@@ -385,8 +390,8 @@ def eval_inputs(records, scale, workers=0, prefetch=4):
     scale = tuple(scale)
     ds = grain.MapDataset.source(list(records)).map(lambda r: (r, *resize_keep_ratio(load_image(r.path), scale)))
     if workers > 0:
-        it = _pickled(grain, ds.to_iter_dataset()).mp_prefetch(grain.MultiprocessingOptions(num_workers=workers),
-                                              worker_init_fn=_worker_init)
+        it = _pickled(grain, ds.to_iter_dataset(_one_thread(grain))).mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_worker_init)
     else:
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
     yield from it
