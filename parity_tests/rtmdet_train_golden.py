@@ -38,16 +38,10 @@ def golden_batch(z, max_gt=4):
     return batch
 
 
-@functools.lru_cache(maxsize=None)
-def replay(case, emulate_kernel_index_bug=True):
-    """(npz, logs, stages, grads {visdet key: torch-layout array}, state after the step {visdet key: array})."""
-    z = np.load(GOLDENS / case / "train_step.npz")
-    model = build_detector(load_config(GOLDENS / case / "config.yaml"))
-    report = load_visdet_state_dict(model, load_checkpoint(GOLDENS / case / "state_dict.pth").state_dict)
-    assert report.ok, report.summary()
+def flax_step(model, batch):
+    """One jitted value_and_grad of ``model.loss`` with every BN in train mode: (logs, stages, gradients and the
+    state after the step as visdet state dicts)."""
     set_bn_training(model, True)
-    if hasattr(model.bbox_head, "emulate_kernel_index_bug"):
-        model.bbox_head.emulate_kernel_index_bug = emulate_kernel_index_bug
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     @jax.jit
@@ -58,8 +52,20 @@ def replay(case, emulate_kernel_index_bug=True):
             return total, (logs, stages, nnx.split(m, nnx.Param, ...)[2])
         return jax.value_and_grad(inner, has_aux=True)(params)
 
-    (_, (logs, stages, new_rest)), grads = step(params, rest, golden_batch(z))
-    grads_sd = export_visdet_state_dict(nnx.merge(graphdef, grads, rest))
-    after_sd = export_visdet_state_dict(nnx.merge(graphdef, params, new_rest))
+    (_, (logs, stages, new_rest)), grads = step(params, rest, batch)
+    return (logs, stages, export_visdet_state_dict(nnx.merge(graphdef, grads, rest)),
+            export_visdet_state_dict(nnx.merge(graphdef, params, new_rest)))
+
+
+@functools.lru_cache(maxsize=None)
+def replay(case, emulate_kernel_index_bug=True):
+    """(npz, logs, stages, grads {visdet key: torch-layout array}, state after the step {visdet key: array})."""
+    z = np.load(GOLDENS / case / "train_step.npz")
+    model = build_detector(load_config(GOLDENS / case / "config.yaml"))
+    report = load_visdet_state_dict(model, load_checkpoint(GOLDENS / case / "state_dict.pth").state_dict)
+    assert report.ok, report.summary()
+    if hasattr(model.bbox_head, "emulate_kernel_index_bug"):
+        model.bbox_head.emulate_kernel_index_bug = emulate_kernel_index_bug
+    logs, stages, grads_sd, after_sd = flax_step(model, golden_batch(z))
     logs = {k: float(v) for k, v in logs.items()}
     return z, logs, jax.tree.map(np.asarray, stages), grads_sd, after_sd

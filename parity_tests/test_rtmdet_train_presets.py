@@ -20,14 +20,13 @@ import jax
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 
 from flaxdet.data.transforms import pad_ground_truth
 from flaxdet.models import build_detector
-from flaxdet.nn import set_bn_training
 from flaxdet.parity import TOLERANCES
-from flaxdet_converters.convert import export_visdet_state_dict, load_visdet_state_dict
+from flaxdet_converters.convert import load_visdet_state_dict
 from parity_tests.goldens import golden_image
+from parity_tests.rtmdet_train_golden import flax_step
 from parity_tests.test_rtmdet_presets import SIZES, preset_config
 
 PARAMS = [pytest.param(f"{fam}_{s}", marks=() if s == "tiny" else pytest.mark.slow)
@@ -86,23 +85,6 @@ def reference_step(ref, pre, metas, gts, stages, kw):
     raw = {k: ([float(x) for x in v] if isinstance(v, list) else float(v)) for k, v in raw.items()}
     grads = {k: p.grad.numpy() for k, p in m.named_parameters(remove_duplicate=False) if p.grad is not None}
     return raw, grads, {k: v.numpy() for k, v in m.state_dict().items()}
-
-
-def flax_step(model, batch):
-    set_bn_training(model, True)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    @jax.jit
-    def step(params, rest, batch):
-        def inner(p):
-            m = nnx.merge(graphdef, p, rest, copy=True)
-            total, (logs, stages) = m.loss(batch, with_stages=True)
-            return total, (logs, stages, nnx.split(m, nnx.Param, ...)[2])
-        return jax.value_and_grad(inner, has_aux=True)(params)
-
-    (_, (logs, stages, new_rest)), grads = step(params, rest, batch)
-    return (logs, stages, export_visdet_state_dict(nnx.merge(graphdef, grads, rest)),
-            export_visdet_state_dict(nnx.merge(graphdef, params, new_rest)))
 
 
 @pytest.mark.goldens
