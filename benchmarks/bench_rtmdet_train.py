@@ -203,9 +203,7 @@ def worker(spec):
     common.emit(out)
 
 
-def columns(dtypes):
-    return common.dtype_columns([("preset", "preset", ""), ("size", "size", ""), ("batch", "batch", "d"),
-                                 ("pytorch s", lambda r: r["pytorch"]["median_s"], ".2f")], dtypes)
+columns = common.train_step_columns
 
 
 def main(argv=None):

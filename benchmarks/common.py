@@ -315,3 +315,9 @@ def run_sides(script, base, dtypes):
         fd[dt] = run_worker(script, dict(base, side="flaxdet", dtype=dt))
         print(json.dumps(fd[dt]), flush=True)
     return pt, fd, {dt: pt["median_s"] / fd[dt]["median_s"] for dt in fd}
+
+
+def train_step_columns(dtypes):
+    """The table columns of a train-step benchmark (bench_train.py, bench_rtmdet_train.py)."""
+    return dtype_columns([("preset", "preset", ""), ("size", "size", ""), ("batch", "batch", "d"),
+                          ("pytorch s", lambda r: r["pytorch"]["median_s"], ".2f")], dtypes)
