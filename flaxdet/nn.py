@@ -19,6 +19,7 @@ from flax import nnx
 
 from flaxdet import fast_paths
 from flaxdet.fast_paths import conv as fast_conv
+from flaxdet.fast_paths import pool as fast_pool
 from flaxdet.ops import exact_div  # noqa: F401  (re-exported: layers use it)
 from flaxdet.ops.conv import conv2d as plain_conv2d
 
@@ -264,10 +265,12 @@ def relu(x):
 
 
 def max_pool2d(x, kernel_size, stride, padding=0):
-    """torch.nn.MaxPool2d on NHWC (implicit -inf padding)."""
-    return jax.lax.reduce_window(
-        x, -jnp.inf, jax.lax.max, (1, kernel_size, kernel_size, 1), (1, stride, stride, 1),
-        [(0, 0), (padding, padding), (padding, padding), (0, 0)])
+    """torch.nn.MaxPool2d on NHWC (implicit -inf padding): one ``reduce_window``, or where the ``max_pool_taps``
+    fast path is on (:mod:`flaxdet.fast_paths`; CPU by default) shifted maxima per axis, bit-identical, with the
+    same gradient."""
+    if fast_paths.enabled("max_pool_taps"):
+        return fast_pool.max_pool_taps(x, kernel_size, stride, padding)
+    return fast_pool.plain_max_pool2d(x, kernel_size, stride, padding)
 
 
 def nearest_indices(in_size: int, out_size: int) -> np.ndarray:

@@ -14,6 +14,8 @@ name                what (module)                                               
 ``conv1x1_matmul``  unpadded 1x1 convolutions as one matmul (:mod:`.conv`)      on      off
 ``depthwise_taps``  depthwise convolutions (RTMDet's 5x5) as shifted             on      off
                     multiply-adds (:mod:`.conv`)
+``max_pool_taps``   max pooling as shifted maxima, rows then columns            on      off
+                    (:mod:`.pool`), bit-identical, the plain pool's gradient
 ``roi_align_tiers`` RoIAlign contracted on small crop tiers, RoIs sorted and    on      off
                     chunked by crop size, big RoIs redone in a loop
                     (:mod:`.roi_align_tiers`); plain: every RoI over its whole
@@ -43,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-NAMES = ("conv_vjp", "conv1x1_matmul", "depthwise_taps", "roi_align_tiers", "mask_row_buckets",
+NAMES = ("conv_vjp", "conv1x1_matmul", "depthwise_taps", "max_pool_taps", "roi_align_tiers", "mask_row_buckets",
          "mask_paste_windows", "mask_head_chunks")
 DEFAULTS = {"cpu": frozenset(NAMES), "gpu": frozenset(), "cuda": frozenset(), "rocm": frozenset(),
             "tpu": frozenset()}
