@@ -13,7 +13,7 @@ only, as Faster R-CNN / RTMDet), random flip, fit into the step's shape bucket, 
 (:func:`~flaxdet.data.grain_pipeline.expand_masks`).
 
 - **grain**: :class:`flaxdet.data.grain_pipeline.GrainTrainLoader` as ``flaxdet train`` runs it (``mp_prefetch``
-  worker processes, whole batches per worker, results pickled back).
+  worker processes, whole batches per worker, results in shared memory).
 - **torch**: a ``torch.utils.data.Dataset`` whose item ``step`` is the same batch
   (:meth:`GrainTrainLoader.batch_in_worker`), ``DataLoader(batch_size=None, num_workers=W, prefetch_factor=2)``
   with workers spawned as grain's (its default collate turns the arrays into tensors and moves them through shared

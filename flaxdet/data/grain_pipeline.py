@@ -83,13 +83,6 @@ def _one_thread(grain):
     return grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)
 
 
-def _pickled(grain, ds):
-    """Batches come back from the workers pickled through a pipe, not in grain's shared-memory blocks: those a
-    worker made ahead of the last step are reported "leaked" by Python 3.10-3.12's resource tracker at exit, and a
-    pipe moves a batch in milliseconds (``benchmarks/bench_loader.py`` measures the pipeline with it)."""
-    return grain.experimental.WithOptionsIterDataset(ds, grain.experimental.DatasetOptions(min_shm_size=1 << 62))
-
-
 def _worker_init(*_):
     """grain worker init: one OpenCV thread per worker process (the workers are the parallelism), and a watchdog
     ending the worker when the training process is gone (a SIGKILLed run leaves no orphan workers behind)."""
@@ -296,7 +289,7 @@ class GrainTrainLoader:
         if origin:
             ds = ds[origin:]
         if self.workers > 0:  # one thread per worker (grain's default: 16 threads and 500 elements buffered each)
-            return _pickled(grain, ds.to_iter_dataset(_one_thread(grain))).mp_prefetch(
+            return ds.to_iter_dataset(_one_thread(grain)).mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=self.prefetch),
                 worker_init_fn=_worker_init)
         return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=self.prefetch))
@@ -390,7 +383,7 @@ def eval_inputs(records, scale, workers=0, prefetch=4):
     scale = tuple(scale)
     ds = grain.MapDataset.source(list(records)).map(lambda r: (r, *resize_keep_ratio(load_image(r.path), scale)))
     if workers > 0:
-        it = _pickled(grain, ds.to_iter_dataset(_one_thread(grain))).mp_prefetch(
+        it = ds.to_iter_dataset(_one_thread(grain)).mp_prefetch(
             grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_worker_init)
     else:
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
