@@ -16,6 +16,9 @@ name                what (module)                                               
                     multiply-adds (:mod:`.conv`)
 ``max_pool_taps``   max pooling as shifted maxima, rows then columns            on      off
                     (:mod:`.pool`), bit-identical, the plain pool's gradient
+``nms_blocks``      greedy NMS over score-sorted blocks of candidates, each      on      off
+                    checked against the boxes kept so far (:mod:`.nms_blocks`);
+                    identical keeps; plain: every kept box suppresses all N
 ``roi_align_tiers`` RoIAlign contracted on small crop tiers, RoIs sorted and    on      off
                     chunked by crop size, big RoIs redone in a loop
                     (:mod:`.roi_align_tiers`); plain: every RoI over its whole
@@ -45,8 +48,8 @@ from __future__ import annotations
 import contextlib
 import os
 
-NAMES = ("conv_vjp", "conv1x1_matmul", "depthwise_taps", "max_pool_taps", "roi_align_tiers", "mask_row_buckets",
-         "mask_paste_windows", "mask_head_chunks")
+NAMES = ("conv_vjp", "conv1x1_matmul", "depthwise_taps", "max_pool_taps", "nms_blocks", "roi_align_tiers",
+         "mask_row_buckets", "mask_paste_windows", "mask_head_chunks")
 DEFAULTS = {"cpu": frozenset(NAMES), "gpu": frozenset(), "cuda": frozenset(), "rocm": frozenset(),
             "tpu": frozenset()}
 ENV = "FLAXDET_FAST_PATHS"

@@ -9,7 +9,9 @@ suppressed yields exactly the same kept sequence. Ranks come from a stable desce
 scores go to the lower index (torchvision's own order among exactly equal scores is unspecified).
 Entries with ``valid`` False never take part, whatever their score (-inf and NaN included).
 
-Cost O(max_output * N) time and O(N) memory; the loop stops early once no candidate is left.
+Cost O(max_output * N) time and O(N) memory; the loop stops early once no candidate is left. The ``nms_blocks``
+fast path (:mod:`flaxdet.fast_paths.nms_blocks`; CPU by default) keeps the same boxes checking score-sorted blocks
+of candidates against the boxes kept so far.
 Outputs are padded: ``keep_idx`` (max_output,) int32 holding 0 in padded slots, ``keep_valid`` bool.
 """
 from __future__ import annotations
@@ -19,6 +21,9 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from flaxdet import fast_paths
+from flaxdet.fast_paths.nms_blocks import nms_blocks
 
 
 def _threshold(thr, dtype):
@@ -34,7 +39,10 @@ def nms(boxes, scores, valid, iou_threshold: float, max_output: int):
     """boxes (N, 4) xyxy, scores (N,), valid (N,) bool -> (keep_idx (max_output,) int32 in
     descending score order, keep_valid (max_output,) bool)."""
     thr = _threshold(iou_threshold, np.dtype(boxes.dtype))
-    return _nms(jax.lax.stop_gradient(boxes), jax.lax.stop_gradient(scores), valid, thr, int(max_output))
+    boxes, scores = jax.lax.stop_gradient(boxes), jax.lax.stop_gradient(scores)
+    if boxes.shape[0] and max_output and fast_paths.enabled("nms_blocks"):
+        return nms_blocks(boxes, scores, valid, thr, int(max_output))
+    return _nms(boxes, scores, valid, thr, int(max_output))
 
 
 @partial(jax.jit, static_argnames="max_output")

@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flaxdet.ops.nms import batched_nms, nms
+from flaxdet import fast_paths
+from flaxdet.fast_paths.nms_blocks import nms_blocks
+from flaxdet.ops.nms import _nms, _threshold, batched_nms, nms
 
 PAD = 320  # every example is padded to this many boxes (extra rows invalid), so one compile serves many
 
@@ -44,7 +46,37 @@ def _torch_nms(boxes, scores, valid, thr):
 nms_jit = jax.jit(nms, static_argnums=(3, 4))
 
 
-@settings(max_examples=60, deadline=None)
+@pytest.fixture(autouse=True, params=["nms_blocks", "none"], ids=["blocks", "plain"])
+def nms_path(request):
+    """Every test here runs with the ``nms_blocks`` fast path and with the plain NMS."""
+    with fast_paths.use([] if request.param == "none" else [request.param]):
+        yield request.param
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 300), seed=st.integers(0, 2 ** 31 - 1), thr=st.floats(0.1, 0.9), f64=st.booleans(),
+       block=st.sampled_from([1, 7, 64, 256]), max_output=st.sampled_from([1, 5, 40, PAD]),
+       nan_valid=st.booleans())
+def test_blocks_equal_plain(nms_path, n, seed, thr, f64, block, max_output, nan_valid):
+    """The fast path's kept indices and slots equal the plain loop's, whatever the block size and truncation,
+    NaN / infinite scores on valid entries included."""
+    if nms_path != "none":
+        return  # (one run is enough: both functions are called directly)
+    dtype = np.float64 if f64 else np.float32
+    with jax.enable_x64(f64):
+        boxes, scores, valid = _make(n, seed, dtype)
+        if nan_valid:
+            scores[::17] = np.nan
+            scores[5::23] = -np.inf
+        t = _threshold(thr, np.dtype(dtype))
+        args = (jnp.asarray(boxes), jnp.asarray(scores), jnp.asarray(valid), t)
+        a = _nms(*args, max_output)
+        b = nms_blocks(*args, max_output, block=block)
+        np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
+        np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n=st.integers(1, 300), seed=st.integers(0, 2 ** 31 - 1), thr=st.floats(0.1, 0.9),
        f64=st.booleans())
 def test_nms_matches_torchvision(n, seed, thr, f64):
@@ -57,7 +89,7 @@ def test_nms_matches_torchvision(n, seed, thr, f64):
         np.testing.assert_array_equal(_kept(keep, kv), _torch_nms(boxes, scores, valid, thr))
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n=st.integers(1, 300), seed=st.integers(0, 2 ** 31 - 1), thr=st.floats(0.1, 0.9),
        f64=st.booleans(), n_cls=st.integers(1, 80))
 def test_batched_nms_matches_offset_trick(n, seed, thr, f64, n_cls):
