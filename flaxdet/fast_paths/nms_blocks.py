@@ -9,14 +9,16 @@ box overlaps it by more than the threshold, so the same boxes come out of this f
 
 1. candidates in the plain path's order (stable descending score; entries with ``valid`` False are skipped),
    taken ``BLOCK`` at a time until ``max_output`` boxes are kept or none is left;
-2. a block's candidates overlapping a box kept in earlier blocks are dropped (one BLOCK x max_output IoU);
-3. the rest are resolved in rank order inside the block (one BLOCK x BLOCK IoU, a loop that jumps from one
-   surviving candidate to the next).
+2. a block's candidates overlapping a box kept in earlier blocks are dropped (IoUs with the kept boxes, 32 at a
+   time, only as many as are kept);
+3. the rest are resolved in rank order inside the block: a loop that keeps the best-ranked survivor and drops
+   the later ones it overlaps.
 
 IoUs are the plain path's arithmetic with the earlier-ranked box first (``inter / (area_j + area_c - inter)``;
 min, max and the two-term sum are symmetric), compared with the same threshold, so the kept indices are identical
 (tests: :mod:`tests.ops.test_nms`, both paths, against torchvision and each other). Cost: the blocks up to the
-last kept box, each O(BLOCK * (max_output + BLOCK)).
+last kept box, each O(BLOCK * kept so far), plus O(BLOCK) per kept box: at most the plain path's O(max_output * N)
+and far less when the kept boxes come early (RTMDet's seeded presets: rtmdet_tiny end to end 137 -> 98 ms).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 BLOCK = 256
+KEPT_CHUNK = 32  # kept boxes checked against a block at a time (only chunks holding kept boxes are visited)
 
 
 def _iou_gt(a, b, thr):
@@ -46,6 +49,8 @@ def nms_blocks(boxes, scores, valid, thr, max_output, block=BLOCK):
     n = boxes.shape[0]
     blk = min(block, n)
     nb = -(-n // blk)
+    kc = min(KEPT_CHUNK, max_output)
+    slots = -(-max_output // kc) * kc
     order = jnp.argsort(-scores, stable=True).astype(jnp.int32)
     order = jnp.concatenate([order, jnp.zeros(nb * blk - n, jnp.int32)])
     live = jnp.concatenate([jnp.asarray(valid, bool)[order[:n]], jnp.zeros(nb * blk - n, bool)])
@@ -61,9 +66,13 @@ def nms_blocks(boxes, scores, valid, thr, max_output, block=BLOCK):
         start = b * blk
         cand = jax.lax.dynamic_slice_in_dim(sorted_boxes, start, blk)
         alive = jax.lax.dynamic_slice_in_dim(live, start, blk)
-        kept_before = jnp.arange(max_output) < count
-        alive = alive & ~jnp.any(_iou_gt(kept_boxes, cand, thr) & kept_before[:, None], axis=0)
-        over = _iou_gt(cand, cand, thr) & (pos[None, :] > pos[:, None])  # row: the earlier-ranked box
+
+        def against_kept(k, alive):  # the kept boxes k*kc ... k*kc + kc - 1 (those below count)
+            kb = jax.lax.dynamic_slice_in_dim(kept_boxes, k * kc, kc)
+            real = k * kc + jnp.arange(kc) < count
+            return alive & ~jnp.any(_iou_gt(kb, cand, thr) & real[:, None], axis=0)
+
+        alive = jax.lax.fori_loop(0, (count + kc - 1) // kc, against_kept, alive)
 
         def inner_cond(s):
             alive, count, _, _ = s
@@ -74,12 +83,12 @@ def nms_blocks(boxes, scores, valid, thr, max_output, block=BLOCK):
             t = jnp.argmax(alive)  # the best-ranked surviving candidate: kept
             keep = keep.at[count].set(order[start + t])
             kept_boxes = kept_boxes.at[count].set(cand[t])
-            alive = alive & ~over[t] & (pos != t)
+            alive = alive & ~_iou_gt(cand[t][None], cand, thr)[0] & (pos > t)
             return alive, count + 1, keep, kept_boxes
 
         _, count, keep, kept_boxes = jax.lax.while_loop(inner_cond, inner_body, (alive, count, keep, kept_boxes))
         return b + 1, count, keep, kept_boxes
 
-    init = (jnp.int32(0), jnp.int32(0), jnp.zeros(max_output, jnp.int32), jnp.zeros((max_output, 4), boxes.dtype))
+    init = (jnp.int32(0), jnp.int32(0), jnp.zeros(max_output, jnp.int32), jnp.zeros((slots, 4), boxes.dtype))
     _, count, keep, _ = jax.lax.while_loop(block_cond, block_body, init)
     return keep, jnp.arange(max_output) < count
