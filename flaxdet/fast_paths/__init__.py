@@ -33,6 +33,10 @@ name                what (module)                                               
                     (:mod:`flaxdet.ops.mask_paste`)
 ``mask_head_chunks`` the inference mask head on chunks of <= 50 rows (a          on      off
                     ``lax.map``; :mod:`.mask_head_chunks`); plain: all rows
+``mask_resize_lanes`` RTMDet-Ins's mask resize 16 detections at a time, laid       on      off
+                    out (H, W, detections) so that its gathers move vectors
+                    (:mod:`.mask_resize_lanes`); bit-identical; plain: one
+                    detection at a time
 ==================  ==========================================================  ======  ========
 
 On CPU each was measured faster (figures in each module and in ``docs/performance.md``); on GPU and TPU
@@ -49,7 +53,7 @@ import contextlib
 import os
 
 NAMES = ("conv_vjp", "conv1x1_matmul", "depthwise_taps", "max_pool_taps", "nms_blocks", "roi_align_tiers",
-         "mask_row_buckets", "mask_paste_windows", "mask_head_chunks")
+         "mask_row_buckets", "mask_paste_windows", "mask_head_chunks", "mask_resize_lanes")
 DEFAULTS = {"cpu": frozenset(NAMES), "gpu": frozenset(), "cuda": frozenset(), "rocm": frozenset(),
             "tpu": frozenset()}
 ENV = "FLAXDET_FAST_PATHS"

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from flaxdet import fast_paths
+from flaxdet.fast_paths.mask_resize_lanes import masks_in_lanes
 from flaxdet.models.dense_heads.rtmdet_head import RTMDetHead
 from flaxdet.models.layers import ConvModule
 from flaxdet.models.losses import EPS, dice_loss
@@ -161,7 +162,8 @@ class RTMDetInsHead(RTMDetHead):
     def masks_single(self, logits, scale_factor, canvas_hw, rescale, valid):
         """One image: logits (D, h, w) -> masks (D, *canvas) bool (see the module doc), with ``rescale``
         canvas_hw, else (Hp, Wp). Only rows up to the last valid one are computed (NMS keeps come first), one
-        at a time (peak memory O(Hp * Wc)); rows not ``valid`` are empty."""
+        at a time (peak memory O(Hp * Wc)), or on the ``mask_resize_lanes`` fast path 16 at a time with the
+        detections as the minor axis (the same arithmetic); rows not ``valid`` are empty."""
         stride, thr = self.strides[0], self.cfg.test_cfg.mask_thr_binary
         d, h, w = logits.shape
         hp, wp = h * stride, w * stride
@@ -175,6 +177,11 @@ class RTMDetInsHead(RTMDetHead):
             down = (linear_taps(hp, out_h, out_hw[0]), linear_taps(wp, out_w, out_hw[1]))
             inside = (jnp.arange(out_hw[0])[:, None] < out_h) & (jnp.arange(out_hw[1])[None, :] < out_w)
 
+        rows = jnp.max(jnp.where(valid, jnp.arange(1, d + 1), 0))
+        if fast_paths.enabled("mask_resize_lanes"):
+            inside_hw = jnp.broadcast_to(jnp.asarray(inside), out_hw)
+            return masks_in_lanes(logits, valid, rows, up, down if rescale else None, inside_hw, thr)
+
         def body(i, masks):
             x = resize_bilinear(logits[i], *up)
             if rescale:
@@ -182,7 +189,6 @@ class RTMDetInsHead(RTMDetHead):
             m = (jax.nn.sigmoid(x) > thr) & inside & valid[i]
             return jax.lax.dynamic_update_index_in_dim(masks, m, i, 0)
 
-        rows = jnp.max(jnp.where(valid, jnp.arange(1, d + 1), 0))
         return jax.lax.fori_loop(0, rows, body, jnp.zeros((d, *out_hw), bool))
 
     def predict_masks(self, mask_feat, dets, scale_factors, canvas_hw=None, rescale=True):
