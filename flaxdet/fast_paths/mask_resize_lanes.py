@@ -19,18 +19,10 @@ import jax.numpy as jnp
 LANES = 16  # detections per pass (one AVX-512 float32 vector)
 
 
-def _interp(x, taps, axis):
-    i0, i1, w0, w1 = taps
-    shape = [1] * x.ndim
-    shape[axis] = -1
-    return (jnp.take(x, i0, axis, mode="clip") * w0.reshape(shape)
-            + jnp.take(x, i1, axis, mode="clip") * w1.reshape(shape))
-
-
-def masks_in_lanes(logits, valid, rows, up, down, inside, thr):
+def masks_in_lanes(logits, valid, rows, up, down, inside, thr, interp):
     """logits (D, h, w), valid (D,), rows (traced: rows past it stay empty), up / down: the (H, W) tap pairs of the
-    two resizes (down None: no second resize), inside (H', W') bool -> masks (D, H', W') bool, equal to the plain
-    per-detection loop's."""
+    two resizes (down None: no second resize), inside (H', W') bool, ``interp(x, taps, axis)``: one bilinear pass
+    (the head's) -> masks (D, H', W') bool, equal to the plain per-detection loop's."""
     d = logits.shape[0]
     lanes = min(LANES, d)
     chunks = -(-d // lanes)
@@ -47,8 +39,8 @@ def masks_in_lanes(logits, valid, rows, up, down, inside, thr):
         return jax.lax.cond(one > 0, f, lambda v: jnp.zeros(out.shape, out.dtype), x)
 
     def resize(x, taps_h, taps_w):  # x (H, W, lanes): along W, then H (resize_bilinear's order)
-        x = made(lambda v: _interp(v, taps_w, 1), x)
-        return made(lambda v: _interp(v, taps_h, 0), x)
+        x = made(lambda v: interp(v, taps_w, 1), x)
+        return made(lambda v: interp(v, taps_h, 0), x)
 
     def body(c, masks):
         x = jnp.transpose(jax.lax.dynamic_slice_in_dim(lg, c * lanes, lanes), (1, 2, 0))

@@ -180,7 +180,7 @@ class RTMDetInsHead(RTMDetHead):
         rows = jnp.max(jnp.where(valid, jnp.arange(1, d + 1), 0))
         if fast_paths.enabled("mask_resize_lanes"):
             inside_hw = jnp.broadcast_to(jnp.asarray(inside), out_hw)
-            return masks_in_lanes(logits, valid, rows, up, down if rescale else None, inside_hw, thr)
+            return masks_in_lanes(logits, valid, rows, up, down if rescale else None, inside_hw, thr, _interp_axis)
 
         def body(i, masks):
             x = resize_bilinear(logits[i], *up)
