@@ -254,6 +254,7 @@ def build_parser():
     s.add_argument("--scale", nargs=2, default=None, metavar=("LONG", "SHORT"), help=SCALE_HELP)
     s.add_argument("--backend", choices=("flaxdet", "reference"), default="flaxdet")
     s.add_argument("--bucket", choices=("exact", "coarse"), default="exact")
+    s.add_argument("--dtype", choices=DTYPES, default="float32", help=DTYPE_HELP + " flaxdet backend only.")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_eval)
     return p
@@ -371,12 +372,15 @@ def cmd_eval(args):
     from flaxdet.evaluation import evaluate
     from flaxdet.tools import load_any_model, reference_twin
 
+    if args.dtype != "float32" and args.backend != "flaxdet":
+        raise UsageError(f"--dtype {args.dtype} is a flaxdet option: --backend reference runs float32")
     model, _ = load_any_model(args.checkpoint, args.config, args.num_classes)
     if args.backend == "reference":
         model = reference_twin(model)
     out = Path(args.out)
     m = evaluate(model, args.ann, args.images, _scale(args.scale), args.backend, out / "results.json",
-                 progress=not args.no_progress, bucket=args.bucket)
+                 progress=not args.no_progress, bucket=args.bucket, dtype=args.dtype)
+    m["dtype"] = args.dtype
     (out / "metrics.json").write_text(json.dumps(m, indent=1))
     for k in ("bbox_mAP", "bbox_mAP_50", "segm_mAP", "segm_mAP_50"):
         if k in m:  # None: pycocotools' -1, undefined (the reason is in metrics["undefined"])

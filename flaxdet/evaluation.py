@@ -45,9 +45,11 @@ def _empty_results(gt):
     return dt
 
 
-def _predict_fn(model, backend, classes, bucket="exact"):
+def _predict_fn(model, backend, classes, bucket="exact", dtype=None):
+    if dtype not in (None, "float32") and backend != "flaxdet":
+        raise ValueError(f"compute dtype {dtype} is a flaxdet option: the reference backend runs float32")
     if backend == "flaxdet":
-        det = Detector(model, classes)
+        det = Detector(model, classes, dtype=dtype)
         return lambda img, meta: det.detect([img], [meta], bucket=bucket)[0]
     if backend == "reference":
         import torch
@@ -81,10 +83,11 @@ def detections_to_coco(det, image_id, cat_ids):
 
 
 def evaluate(model, ann_file, img_dir=None, scale=None, backend="flaxdet", out_json=None, progress=True,
-             max_images=None, bucket="exact"):
-    """``scale``: the test resize (default: the model's, :func:`flaxdet.config.test_scale`). A statistic pycocotools
-    cannot compute (its -1: no ground truth of that kind in the evaluated images) is None, with the reason in
-    ``metrics["undefined"]`` -- never a 0.0 that reads like a result."""
+             max_images=None, bucket="exact", dtype=None):
+    """``scale``: the test resize (default: the model's, :func:`flaxdet.config.test_scale`); ``dtype``: the flaxdet
+    backend's compute dtype (:class:`flaxdet.inference.Detector`; "bfloat16" sets it on ``model``). A statistic
+    pycocotools cannot compute (its -1: no ground truth of that kind in the evaluated images) is None, with the
+    reason in ``metrics["undefined"]`` -- never a 0.0 that reads like a result."""
     scale = scale or test_scale(model.cfg)
     ds = CocoDataset(ann_file, img_dir)
 
@@ -92,7 +95,7 @@ def evaluate(model, ann_file, img_dir=None, scale=None, backend="flaxdet", out_j
     if n_model != len(ds.classes):
         raise DatasetError(f"the model predicts {n_model} classes but {ann_file} has {len(ds.classes)} "
                            f"categories ({ds.classes}); evaluate a model fine-tuned on this label set")
-    predict = _predict_fn(model, backend, ds.classes, bucket)
+    predict = _predict_fn(model, backend, ds.classes, bucket, dtype)
     results, ids = [], []
     recs = ds.records[:max_images] if max_images else ds.records
     inputs = eval_inputs(recs, scale)  # decode + test resize, prefetched by grain while the model runs

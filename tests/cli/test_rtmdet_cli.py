@@ -217,5 +217,16 @@ def test_eval_on_a_coco_set(converted, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert {d["category_id"] for d in results} <= {1, 2, 3, 4, 5}  # the annotation file's ids
 
+    assert metrics["dtype"] == "float32"
+    # bf16 (mixed precision): the same set evaluates, the dtype recorded; the reference backend refuses it
+    r = _cli("eval", "--checkpoint", converted["rtmdet_tiny"], "--ann", ann, "--out", tmp_path / "bf16",
+             "--dtype", "bfloat16", "--no-progress")
+    m16 = json.loads((tmp_path / "bf16" / "metrics.json").read_text())
+    assert m16["dtype"] == "bfloat16" and m16["num_images"] == 4 and m16["num_detections"] > 0, m16
+    assert m16["bbox_mAP"] is not None
+    r = _cli("eval", "--checkpoint", converted["rtmdet_tiny"], "--ann", ann, "--out", tmp_path / "e3",
+             "--dtype", "bfloat16", "--backend", "reference", rc=2)
+    assert "--dtype bfloat16 is a flaxdet option" in _one_error_line(r, "eval")
+
     r = _cli("eval", "--checkpoint", converted["rtmdet_ins_tiny"], "--ann", ann, "--out", tmp_path / "e2", rc=2)
     assert "the model predicts 4 classes but" in _one_error_line(r, "eval") and "has 5 categories" in r.stderr
