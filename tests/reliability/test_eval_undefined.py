@@ -24,7 +24,7 @@ def _fake_model(monkeypatch, dets):
     """evaluate() on canned detections: ``dets`` maps nothing -> the same list of (box, score, label) per image."""
     monkeypatch.setattr(evaluation, "num_classes_of", lambda cfg: 3)
 
-    def predict_fn(model, backend, classes, bucket="exact"):
+    def predict_fn(model, backend, classes, bucket="exact", dtype=None):
         def run(img, meta):
             return dict(bboxes=np.array([d[0] for d in dets], np.float32).reshape(-1, 4),
                         scores=np.array([d[1] for d in dets], np.float32), labels=np.array([d[2] for d in dets]))
