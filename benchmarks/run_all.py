@@ -118,14 +118,7 @@ def summary(d):
                   "warm-up step. "
                   "flaxdet compiles the step once per mask-branch row bucket: compile = the first step's "
                   "(the smallest bucket), then any bucket the positives pick (compile_bucket_s in the JSON).", ""]
-        cols = [("size", "size", ""), ("batch", "batch", "d"), ("PyTorch s", lambda r: r["pytorch"]["median_s"], ".2f")]
-        for dt in dts:
-            cols += [(f"flaxdet {dt} s", lambda r, dt=dt: r["flaxdet"][dt]["median_s"], ".2f"),
-                     (f"ratio {dt}", lambda r, dt=dt: r["ratio"][dt], ".2f"),
-                     (f"compile {dt} s",
-                      lambda r, dt=dt: r["flaxdet"][dt]["trace_s"] + r["flaxdet"][dt]["compile_s"], ".0f")]
-        cols += [("peak RSS MB (PyTorch / flaxdet)", lambda r: f"{r['pytorch']['peak_rss_mb']:.0f} / "
-                  + " / ".join(f"{r['flaxdet'][dt]['peak_rss_mb']:.0f}" for dt in r["dtypes"]), "")]
+        cols = _train_step_cols([("size", "size", ""), ("batch", "batch", "d")], dts)
         lines += [common.md_table(rows, cols), ""]
         r = rows[0]
         budget.append(f"training step {r['size']} batch {r['batch']}: " + _ratios(r, BUDGETS["train_ratio"]))
@@ -142,15 +135,7 @@ def summary(d):
                   f"One step in train mode (BN on batch statistics; forward, losses, backward, AdamW update) at "
                   f"batch {rows[0]['batch']}, {d['gt_per_image']} GT per image ({d['inputs']}); median of "
                   f"{d['repeats']} after a warm-up step.", ""]
-        cols = [("preset", "preset", ""), ("size", "size", ""), ("batch", "batch", "d"),
-                ("PyTorch s", lambda r: r["pytorch"]["median_s"], ".2f")]
-        for dt in dts:
-            cols += [(f"flaxdet {dt} s", lambda r, dt=dt: r["flaxdet"][dt]["median_s"], ".2f"),
-                     (f"ratio {dt}", lambda r, dt=dt: r["ratio"][dt], ".2f"),
-                     (f"compile {dt} s",
-                      lambda r, dt=dt: r["flaxdet"][dt]["trace_s"] + r["flaxdet"][dt]["compile_s"], ".0f")]
-        cols += [("peak RSS MB (PyTorch / flaxdet)", lambda r: f"{r['pytorch']['peak_rss_mb']:.0f} / "
-                  + " / ".join(f"{r['flaxdet'][dt]['peak_rss_mb']:.0f}" for dt in r["dtypes"]), "")]
+        cols = _train_step_cols([("preset", "preset", ""), ("size", "size", ""), ("batch", "batch", "d")], dts)
         lines += [common.md_table(rows, cols), ""]
         r = rows[0]
         rss = ", ".join(f"{dt} {r['flaxdet'][dt]['peak_rss_mb']:.0f} MB "
@@ -188,6 +173,20 @@ def _infer_cols(dts):
                                  ("dets/img", lambda r: r["pytorch"]["detections"][0], "d"),
                                  ("PyTorch s", lambda r: r["pytorch"]["median_s"], ".2f")],
                                 dts, compile_fmt=".0f", rss=("peak RSS MB (PyTorch / flaxdet)", " / "))
+
+
+def _train_step_cols(lead, dts):
+    """SUMMARY.md's train-step table: ``lead`` columns, PyTorch's time, per dtype flaxdet's time, ratio and compile,
+    then peak RSS."""
+    cols = [*lead, ("PyTorch s", lambda r: r["pytorch"]["median_s"], ".2f")]
+    for dt in dts:
+        cols += [(f"flaxdet {dt} s", lambda r, dt=dt: r["flaxdet"][dt]["median_s"], ".2f"),
+                 (f"ratio {dt}", lambda r, dt=dt: r["ratio"][dt], ".2f"),
+                 (f"compile {dt} s",
+                  lambda r, dt=dt: r["flaxdet"][dt]["trace_s"] + r["flaxdet"][dt]["compile_s"], ".0f")]
+    cols += [("peak RSS MB (PyTorch / flaxdet)", lambda r: f"{r['pytorch']['peak_rss_mb']:.0f} / "
+              + " / ".join(f"{r['flaxdet'][dt]['peak_rss_mb']:.0f}" for dt in r["dtypes"]), "")]
+    return cols
 
 
 def main(argv=None):
