@@ -196,11 +196,7 @@ def worker(spec):
             return {k: float(v) for k, v in jax.device_get(logs).items()}
 
     first, times, logs = common.timed(step, spec["repeats"], sync)
-    out.update(common.summarize(times), first_call_s=first, peak_rss_mb=common.peak_rss_mb(),
-               device_peak_mb=common.device_peak_mb(spec["side"]), last_logs=logs,
-               finite=bool(all(np.isfinite(v) for v in logs.values())))
-    out.pop("ckpt")
-    common.emit(out)
+    common.emit_train_step(out, spec, first, times, logs)
 
 
 columns = common.train_step_columns

@@ -82,8 +82,6 @@ def flaxdet_setup(cfg, ckpt, imgs, gts, dtype, remat="auto"):
 
 
 def worker(spec):
-    import numpy as np
-
     from flaxdet.config import load_config
 
     cfg = load_config(spec["preset"])
@@ -164,11 +162,7 @@ def worker(spec):
         dtypes = sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(state.params)})
         out.update(param_dtypes=dtypes, opt_state_dtypes=sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(
             state.opt_state) if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)}))
-    out.update(common.summarize(times), first_call_s=first, peak_rss_mb=common.peak_rss_mb(),
-               device_peak_mb=common.device_peak_mb(spec["side"]), last_logs=logs,
-               finite=bool(all(np.isfinite(v) for v in logs.values())))
-    out.pop("ckpt")
-    common.emit(out)
+    common.emit_train_step(out, spec, first, times, logs)
 
 
 columns = common.train_step_columns

@@ -321,3 +321,15 @@ def train_step_columns(dtypes):
     """The table columns of a train-step benchmark (bench_train.py, bench_rtmdet_train.py)."""
     return dtype_columns([("preset", "preset", ""), ("size", "size", ""), ("batch", "batch", "d"),
                           ("pytorch s", lambda r: r["pytorch"]["median_s"], ".2f")], dtypes)
+
+
+def emit_train_step(out, spec, first, times, logs):
+    """A train-step worker's last act (bench_train.py, bench_rtmdet_train.py): timings, peak memory, the last
+    step's losses and whether they are finite into ``out``, the checkpoint path dropped, then :func:`emit`."""
+    import numpy as np
+
+    out.update(summarize(times), first_call_s=first, peak_rss_mb=peak_rss_mb(),
+               device_peak_mb=device_peak_mb(spec["side"]), last_logs=logs,
+               finite=bool(all(np.isfinite(v) for v in logs.values())))
+    out.pop("ckpt")
+    emit(out)
