@@ -188,7 +188,6 @@ DP_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow  # ~75 s on 2 cores: keeps the default run under CI's 20 minutes (`make test-slow`)
 @pytest.mark.goldens
 def test_rtmdet_eight_devices_equal_one(tmp_path):
     """SyncBN: on the same global batch, 8 host devices give the 1-device losses, parameters and BN running
