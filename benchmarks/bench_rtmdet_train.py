@@ -99,9 +99,51 @@ def _torch_param_groups(model, name):
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def worker(spec):
+def flaxdet_setup(cfg, spec, imgs, gts):
+    """(TrainState with ``spec``'s optimizer and dtype, device batch): the checkpoint ``spec["ckpt"]`` through the
+    production converter, the images padded as the data pipeline pads them, GT padded to max(8, ``spec["gt"]``)."""
+    import jax.numpy as jnp
     import numpy as np
 
+    from flaxdet.data.transforms import own_pad_shape, pad_ground_truth
+    from flaxdet.models import build_detector
+    from flaxdet.training.optimizers import make_optimizer
+    from flaxdet.training.step import TrainState
+    from flaxdet_converters.checkpoint_io import load_checkpoint
+    from flaxdet_converters.convert import load_visdet_state_dict
+
+    model = build_detector(cfg)
+    load_visdet_state_dict(model, load_checkpoint(spec["ckpt"]).state_dict)
+    o = OPTIM[spec["optimizer"]]
+    tx, _ = make_optimizer(spec["optimizer"], o["lr"], o["weight_decay"], steps_per_epoch=1000, warmup_iters=0,
+                           total_steps=10**6)
+    state = TrainState(model, tx, dtype=spec["dtype"], remat=spec.get("remat", "auto"))
+    h, w = imgs[0].shape[:2]
+    hp, wp = own_pad_shape((h, w), cfg.data_preprocessor.pad_size_divisor)
+    images = np.zeros((len(imgs), hp, wp, 3), np.uint8)
+    for i, im in enumerate(imgs):
+        images[i, :h, :w] = im
+    batch = dict(images=images, img_shapes=np.array([(h, w)] * len(imgs), np.int32),
+                 pad_shapes=np.array([(hp, wp)] * len(imgs), np.int32))
+    batch.update(pad_ground_truth(gts, max(8, spec["gt"]), hp, wp))
+    return state, {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def seeded_checkpoint(preset, directory):
+    """reference/'s torch-seeded RTMDet ``preset`` (80 classes, :func:`condition_head`) saved as a visdet
+    checkpoint in ``directory``; returns its path."""
+    import torch
+
+    from flaxdet_reference import build_detector
+
+    torch.manual_seed(0)
+    ref = build_detector(_cfg(preset))
+    condition_head(ref)
+    sd = {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
+    return str(common.write_checkpoint(Path(directory) / f"{preset}.pth", sd))
+
+
+def worker(spec):
     cfg = _cfg(spec["preset"])
     ins = "Ins" in cfg.bbox_head.TYPE
     imgs, gts, source = _inputs(spec, ins)
@@ -141,30 +183,8 @@ def worker(spec):
                    trainable_params=sum(len(g["params"]) for g in groups))
     else:
         import jax
-        import jax.numpy as jnp
 
-        from flaxdet.data.transforms import own_pad_shape, pad_ground_truth
-        from flaxdet.models import build_detector
-        from flaxdet.training.optimizers import make_optimizer
-        from flaxdet.training.step import TrainState
-        from flaxdet_converters.checkpoint_io import load_checkpoint
-        from flaxdet_converters.convert import load_visdet_state_dict
-
-        model = build_detector(cfg)
-        load_visdet_state_dict(model, load_checkpoint(spec["ckpt"]).state_dict)
-        o = OPTIM[spec["optimizer"]]
-        tx, _ = make_optimizer(spec["optimizer"], o["lr"], o["weight_decay"], steps_per_epoch=1000, warmup_iters=0,
-                               total_steps=10**6)
-        state = TrainState(model, tx, dtype=spec["dtype"])
-        h, w = imgs[0].shape[:2]
-        hp, wp = own_pad_shape((h, w), cfg.data_preprocessor.pad_size_divisor)
-        images = np.zeros((len(imgs), hp, wp, 3), np.uint8)
-        for i, im in enumerate(imgs):
-            images[i, :h, :w] = im
-        batch = dict(images=images, img_shapes=np.array([(h, w)] * len(imgs), np.int32),
-                     pad_shapes=np.array([(hp, wp)] * len(imgs), np.int32))
-        batch.update(pad_ground_truth(gts, max(8, spec["gt"]), hp, wp))
-        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        state, batch = flaxdet_setup(cfg, spec, imgs, gts)
         key = jax.random.PRNGKey(0)
         t = time.perf_counter()
         lowered = state.lower(batch, key)
@@ -226,15 +246,7 @@ def main(argv=None):
     cfg = _cfg(a.preset)
     if is_two_stage(cfg):
         raise SystemExit(f"{a.preset} is not an RTMDet preset (benchmarks/bench_train.py times the two-stage family)")
-    import torch
-
-    from flaxdet_reference import build_detector
-
-    torch.manual_seed(0)
-    ref = build_detector(cfg)
-    condition_head(ref)
-    sd = {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
-    ckpt = str(common.write_checkpoint(Path(tempfile.mkdtemp(prefix="flaxdet_bench_")) / f"{a.preset}.pth", sd))
+    ckpt = seeded_checkpoint(a.preset, tempfile.mkdtemp(prefix="flaxdet_bench_"))
     machine = common.machine()
     base = dict(ckpt=ckpt, preset=a.preset, size=a.size, batch=a.batch, gt=a.gt, optimizer=a.optimizer,
                 repeats=a.repeats, threads=a.threads)

@@ -4,7 +4,8 @@ summed by kind, by forward/backward and by area (the RoIAlign calls, other condi
     .venv/bin/python benchmarks/profile_train.py [--preset mask_rcnn_r50] [--size 480x640] [--batch 2]
         [--dtype float32] [--remat auto] [--top 25] [--trace DIR]
 
-Same inputs and weights as bench_train.py. One warm-up step (compiles; its positives pick the mask
+Same inputs and weights as bench_train.py (two-stage presets) or bench_rtmdet_train.py (RTMDet presets, AdamW:
+``--preset rtmdet_s --size 640x640 --batch 8`` is its step). One warm-up step (compiles; its positives pick the mask
 branch's row bucket), then one traced step. Each XLA op of the optimised HLO is attributed through its
 ``op_name`` metadata: ``bwd`` when JAX's autodiff transposed it, ``roi_align`` inside either RoIAlign path,
 ``cond branch`` inside any other ``lax.cond``/``lax.switch`` branch; control-flow ops (cond, while) are not
@@ -50,7 +51,9 @@ def categorise(events, hlo_text):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="mask_rcnn_r50")
+    p.add_argument("--preset", default="mask_rcnn_r50",
+                   help="a two-stage preset (bench_train.py's inputs, SGD) or an RTMDet one (bench_rtmdet_train.py's "
+                   "inputs, 8 GT per image, AdamW; e.g. --preset rtmdet_s --size 640x640 --batch 8)")
     p.add_argument("--size", default="480x640", help="HxW of the network input")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -63,14 +66,25 @@ def main(argv=None):
 
     import jax
 
-    from flaxdet.config import load_config
+    from flaxdet.config import is_two_stage, load_config
 
-    cfg = load_config(a.preset)
-    h, w = (int(v) for v in a.size.split("x"))
     tmp = Path(tempfile.mkdtemp(prefix="flaxdet_prof_"))
-    ckpt = common.write_checkpoint(tmp / f"{a.preset}.pth", common.seeded_state_dict(a.preset))
-    imgs, gts = inputs(h, w, a.batch, num_classes(cfg))
-    state, batch = flaxdet_setup(cfg, ckpt, imgs, gts, a.dtype, a.remat)
+    if is_two_stage(load_config(a.preset)):
+        cfg = load_config(a.preset)
+        h, w = (int(v) for v in a.size.split("x"))
+        ckpt = common.write_checkpoint(tmp / f"{a.preset}.pth", common.seeded_state_dict(a.preset))
+        imgs, gts = inputs(h, w, a.batch, num_classes(cfg))
+        state, batch = flaxdet_setup(cfg, ckpt, imgs, gts, a.dtype, a.remat)
+        gt_per_image = NUM_GT
+    else:  # RTMDet / RTMDet-Ins: bench_rtmdet_train.py's weights, inputs and AdamW
+        import bench_rtmdet_train as rtm
+
+        cfg = rtm._cfg(a.preset)
+        spec = dict(ckpt=rtm.seeded_checkpoint(a.preset, tmp), size=a.size, batch=a.batch, gt=8, optimizer="adamw",
+                    dtype=a.dtype, remat=a.remat)
+        imgs, gts, _ = rtm._inputs(spec, "Ins" in cfg.bbox_head.TYPE)
+        state, batch = rtm.flaxdet_setup(cfg, spec, imgs, gts)
+        gt_per_image = spec["gt"]
     key = jax.random.PRNGKey(0)
     jax.block_until_ready(state.train_step(batch, key))  # warm-up: its positives pick the mask rows
     hlo = state.lower(batch, key).compile().as_text()
@@ -94,7 +108,7 @@ def main(argv=None):
                                         ("ms", "ms", ".0f"), ("share", "share", ".1%")]))
     out = common.save("profile_train.json", dict(
         benchmark="profile_train", machine=common.machine(), preset=a.preset, size=a.size, batch=a.batch,
-        dtype=a.dtype, remat=a.remat, gt_per_image=NUM_GT, traced_step_s=step_s, op_time_s=total / 1e6,
+        dtype=a.dtype, remat=a.remat, gt_per_image=gt_per_image, traced_step_s=step_s, op_time_s=total / 1e6,
         trace_dir=str(trace), rows=rows), a.out)
     print(f"wrote {out}; trace in {trace}")
 

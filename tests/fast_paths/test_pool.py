@@ -46,3 +46,20 @@ def test_max_pool_taps_equal_plain_and_torch(k, s, p, integer):
     yt.backward(torch.from_numpy(cot.copy()).permute(0, 3, 1, 2))
     np.testing.assert_array_equal(y_fast, yt.detach().permute(0, 2, 3, 1).numpy())
     check(g_fast, xt.grad.permute(0, 2, 3, 1).numpy())
+
+
+@pytest.mark.parametrize("k,s,p", CASES)
+def test_max_pool_taps_nan_like_torch(k, s, p):
+    """A NaN is its windows' maximum, and gets their gradient, as in torch. (The plain pool's select-and-scatter
+    never selects a NaN: its gradient goes elsewhere; the values agree.)"""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 13, 11, 6)).astype(np.float32)
+    x[1, :, 5:] = 0.25
+    x[0, 4, 3, 2] = x[1, 6, 8, 0] = np.nan
+    y, g, cot, _ = _pool_and_grad(jnp.asarray(x), k, s, p, "all", True)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
+    yt = torch.nn.functional.max_pool2d(xt, k, s, p)
+    yt.backward(torch.from_numpy(cot.copy()).permute(0, 3, 1, 2))
+    assert np.isnan(y).any()
+    np.testing.assert_array_equal(y, yt.detach().permute(0, 2, 3, 1).numpy())
+    np.testing.assert_array_equal(g, xt.grad.permute(0, 2, 3, 1).numpy())
