@@ -125,12 +125,14 @@ def test_switch_parsing(monkeypatch):
     assert fast_paths._from_env() == {"conv1x1_matmul"}
 
 
-@pytest.mark.parametrize("k,s,p", [(5, 1, 2), (3, 2, 1), (5, 2, 2)])
-def test_depthwise_taps_equal_plain(k, s, p):
+@pytest.mark.parametrize("k,s,p,d", [(5, 1, 2, 1), (3, 2, 1, 1), (5, 2, 2, 1), (3, 1, 0, 1), (3, 1, 2, 2),
+                                     (5, 1, 1, 1)])
+def test_depthwise_taps_equal_plain(k, s, p, d):
     """The ``depthwise_taps`` fast path (RTMDet's depthwise 5x5) against XLA's grouped convolution, float64,
-    values and gradients, through ``nn.conv2d``."""
+    values and gradients, through ``nn.conv2d``. Stride 1 takes the hand-written VJP (its blocked weight gradient
+    over 13 output rows: blocks of 4 and a partial one; dilation; padding that shrinks the output)."""
     rng = np.random.default_rng(3)
-    args = ((s, s), (p, p), (1, 1), 12, HI, None)
+    args = ((s, s), (p, p), (d, d), 12, HI, None)
     out = {}
     with jax.enable_x64():
         x = jnp.asarray(rng.standard_normal((2, 13, 11, 12)))
@@ -142,3 +144,24 @@ def test_depthwise_taps_equal_plain(k, s, p):
                 assert grouped == (spec == "none")
     for a, b in zip(out["all"], out["none"]):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+
+
+def test_depthwise_taps_bf16_keeps_dtypes():
+    """Under mixed precision (bf16 operands, float32 accumulation) the hand-written VJP returns bf16 cotangents, close
+    to the float32 gradients."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, 9, 10, 8)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((5, 5, 1, 8)), jnp.float32)
+
+    def loss(x, w, dt, out):
+        y = nn.conv2d(x.astype(dt), w.astype(dt), (1, 1), (2, 2), (1, 1), 8, jax.lax.Precision.DEFAULT, out)
+        return jnp.sum(jnp.sin(y.astype(jnp.float32)))
+
+    with fast_paths.use("all"):
+        x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+        gx, gw = jax.jit(jax.grad(lambda a, b: loss(a, b, jnp.bfloat16, jnp.float32), argnums=(0, 1)))(x16, w16)
+        assert gx.dtype == jnp.bfloat16 and gw.dtype == jnp.bfloat16
+        fx, fw = jax.jit(jax.grad(lambda a, b: loss(a, b, jnp.float32, None), argnums=(0, 1)))(x, w)
+    for a, b in ((gx, fx), (gw, fw)):
+        a, b = np.asarray(a, np.float32), np.asarray(b)
+        assert np.abs(a - b).max() <= 0.05 * np.abs(b).max()
