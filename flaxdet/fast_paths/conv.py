@@ -2,9 +2,9 @@
 gradients, or whose 1x1 form, are written by hand because XLA:CPU's own are slow.
 
 * :func:`conv_vjp` -- the plain forward convolution with a custom VJP (:func:`_conv_bwd`): weight gradients
-  as one matmul per kernel tap where :func:`matmul_weight_grad` says so, strided input gradients by phases
-  (:func:`phase_input_grad`), stride-1 input gradients as a flipped-kernel convolution. Used for the
-  kernels :func:`wants_custom_vjp` selects. Reverse-mode only.
+  as one matmul (1x1 kernels) or accumulated over blocks of output rows (:func:`blocked_weight_grad`), strided
+  input gradients by phases (:func:`phase_input_grad`), stride-1 input gradients as a flipped-kernel
+  convolution. Used for the kernels :func:`wants_custom_vjp` selects (every ungrouped one). Reverse-mode only.
 * :func:`conv1x1` -- an unpadded 1x1 convolution as one matmul over the pixels.
 
 Plain path: :func:`flaxdet.ops.conv.conv2d` (XLA's convolution and XLA's gradients); the tests compare the
@@ -21,14 +21,14 @@ from flaxdet.ops.conv import conv2d as plain_conv2d
 
 
 def matmul_weight_grad(w, groups):
-    """Whether the weight gradient of a conv with weight ``w`` (kh, kw, in, out) is computed as
-    shifted matmuls (``_conv_bwd``) rather than by XLA's transposed convolution. XLA:CPU's weight
-    gradient treats the batch x space extent as a convolution window, slow for 1x1 kernels and wide
-    channels; measured on a 2-core EPYC (ms, XLA / matmuls): 1x1 256->512 stride 2 at 120x160 b2
-    243 / 19, 1x1 256->64 109 / 16, 3x3 256 at 120x160 b2 718 / 404, 3x3 256 on 256 RoIs of 14x14
-    1961 / 562, 3x3 512 at 15x20 20 / 19; but 3x3 with 64 or 128 input channels 36 / 78, 17 / 36."""
-    kh, kw, cin, _ = w.shape
-    return groups == 1 and (kh * kw == 1 or cin >= 256)
+    """Whether the weight gradient of a conv with weight ``w`` (kh, kw, in, out) is computed by hand
+    (``_conv_bwd``: one matmul for a 1x1 kernel, :func:`blocked_weight_grad` for larger ones) rather than by
+    XLA's transposed convolution, which treats the batch x space extent as a convolution window: slow for 1x1
+    kernels, wide channels, and narrow channels at high resolution. Measured on a 2-core EPYC (ms, XLA / by
+    hand): 1x1 256->512 stride 2 at 120x160 b2 243 / 19, 1x1 256->64 109 / 16; 3x3 blocked: 16->32 at 320x320
+    b8 242 / 66, 32->32 at 160x160 b8 75 / 26, 128->128 at 80x80 b8 159 / 64, 64->64 at 200x336 b2 196 / 72,
+    256->256 at 200x336 b1 1356 / 301, 256 on 100 RoIs of 14x14 129 / 118, 128->128 at 40x40 b8 16 / 16."""
+    return groups == 1
 
 
 def wants_custom_vjp(w, stride, dilation, groups):
@@ -80,11 +80,10 @@ def _conv_fwd(x, w, stride, padding, dilation, groups, precision, out_dtype):
 
 def _conv_bwd(stride, padding, dilation, groups, precision, out_dtype, res, gy):
     """Input gradient: at stride 1 a flipped-kernel convolution, strided (dilation 1) by phases
-    (:func:`phase_input_grad`), else XLA's transpose. Weight gradient, where
-    :func:`matmul_weight_grad` says so, per kernel tap (a, b):
-    ``gw[a, b] = sum_{n,i,j} x_pad[n, s*i + d*a, s*j + d*b, :]^T gy[n, i, j, :]`` -- one matmul
-    over all N*Ho*Wo output positions (at least float32 accumulation; products in the compute dtype);
-    else XLA's transpose."""
+    (:func:`phase_input_grad`), else XLA's transpose. Weight gradient, where :func:`matmul_weight_grad` says so
+    (groups 1): a 1x1 kernel's as one matmul over all N*Ho*Wo output positions, larger kernels' by
+    :func:`blocked_weight_grad` (at least float32 accumulation; products in the compute dtype); else XLA's
+    transpose."""
     x, w = res
     kh, kw, cin, cout = w.shape
     back = [d * (k - 1) - p for d, k, p in zip(dilation, (kh, kw), padding)]
@@ -102,18 +101,48 @@ def _conv_bwd(stride, padding, dilation, groups, precision, out_dtype, res, gy):
     if not matmul_weight_grad(w, groups):
         return gx, jax.vjp(lambda v: plain_conv2d(x, v, stride, padding, dilation, groups, precision, out_dtype),
                            w)[1](gy)[0]
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    if (kh, kw) == (1, 1):  # one matmul over the (strided) pixels
+        xs = x[:, ::stride[0], ::stride[1], :] if stride != (1, 1) else x
+        gw = jnp.matmul(xs.reshape(-1, cin).T, gy.astype(x.dtype).reshape(-1, cout), precision=precision,
+                        preferred_element_type=acc)
+        return gx, gw.reshape(w.shape).astype(w.dtype)
+    return gx, blocked_weight_grad(x, gy.astype(x.dtype), w.shape, stride, padding, dilation, precision,
+                                   acc).astype(w.dtype)
+
+
+PATCH_BYTES = 3 << 20  # a weight-gradient block's patches: 8 output rows where they fit in this, else 4
+
+
+def blocked_weight_grad(x, gy, w_shape, stride, padding, dilation, precision, acc_dtype):
+    """The weight gradient of a convolution (groups 1), ``gw[a, b] = sum_{n,i,j} x_pad[n, s*i + d*a, s*j + d*b,
+    :]^T gy[n, i, j, :]``, accumulated over blocks of 4 or 8 output rows of one image: each block's patches
+    (rows * Wo, kh * kw * in) are built from cache and contracted with its gradient rows in one matmul
+    (``acc_dtype`` accumulation; products in ``x``'s dtype). Blocks whose patches fit :data:`PATCH_BYTES` take 8
+    rows (measured best at 80x80 and 40x40; 4 at 200x336). The kh * kw shifted copies of a whole batch that one
+    matmul per tap needs are never made."""
+    kh, kw, cin, cout = w_shape
     n, ho, wo, _ = gy.shape
-    xp = jnp.pad(x, ((0, 0), (padding[0],) * 2, (padding[1],) * 2, (0, 0)))
-    g2 = gy.astype(x.dtype).reshape(-1, cout)
-    taps = []
-    for a in range(kh):
-        for b in range(kw):
-            r0, c0 = a * dilation[0], b * dilation[1]
-            xs = jax.lax.slice(xp, (0, r0, c0, 0), (n, r0 + (ho - 1) * stride[0] + 1, c0 + (wo - 1) * stride[1] + 1,
-                                                    cin), (1, *stride, 1))
-            taps.append(jnp.matmul(xs.reshape(-1, cin).T, g2, precision=precision,
-                                   preferred_element_type=jnp.promote_types(x.dtype, jnp.float32)))
-    return gx, jnp.stack(taps).reshape(w.shape).astype(w.dtype)
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    eight = wo * kh * kw * cin * x.dtype.itemsize * 8 <= PATCH_BYTES and ho % 8 == 0
+    rows = 8 if eight else 4
+    blocks = -(-ho // rows)
+    extra = blocks * rows - ho  # zero gradient rows past the end: add nothing
+    span = (rows - 1) * sh + (kh - 1) * dh + 1  # input rows one block reads
+    xp = jnp.pad(x, ((0, 0), (ph, ph + extra * sh), (pw, pw), (0, 0)))
+    gp = jnp.pad(gy, ((0, 0), (0, extra), (0, 0), (0, 0)))
+
+    def block(i, total):
+        img, r = i // blocks, (i % blocks) * rows
+        xb = jax.lax.dynamic_slice(xp, (img, r * sh, 0, 0), (1, span, xp.shape[2], cin))[0]
+        gb = jax.lax.dynamic_slice(gp, (img, r, 0, 0), (1, rows, wo, cout))[0].reshape(rows * wo, cout)
+        cols = [jax.lax.slice(xb, (a * dh, b * dw, 0), (a * dh + (rows - 1) * sh + 1, b * dw + (wo - 1) * sw + 1, cin),
+                              (sh, sw, 1)).reshape(rows * wo, cin) for a in range(kh) for b in range(kw)]
+        patches = jnp.concatenate(cols, axis=1)
+        return total + jnp.matmul(patches.T, gb, precision=precision, preferred_element_type=acc_dtype)
+
+    gw = jax.lax.fori_loop(0, n * blocks, block, jnp.zeros((kh * kw * cin, cout), acc_dtype))
+    return gw.reshape(w_shape)
 
 
 conv_vjp.defvjp(_conv_fwd, _conv_bwd)

@@ -1,6 +1,6 @@
 """The ``conv_vjp`` / ``conv1x1_matmul`` fast paths against the plain convolution (:mod:`flaxdet.ops.conv`).
 
-The custom VJP's gradients (weight gradient by shifted matmuls, strided input gradient by phases) equal XLA's
+The custom VJP's gradients (weight gradient by row blocks, strided input gradient by phases) equal XLA's
 transposed convolutions: in float64, and against float64 in float32; under mixed precision (bf16 operands)
 they keep their dtypes and stay close to float32. ``flaxdet.nn.conv2d`` with every fast path on equals it
 with none on (forward and gradients), and off CPU it takes the plain path by default."""
@@ -24,12 +24,17 @@ CASES = [  # (N, H, W, Cin, Cout, k, stride, padding, dilation)
     (1, 9, 11, 260, 5, 3, 2, 0, 1),
     (2, 8, 10, 16, 12, 1, 2, 0, 1),
     (2, 7, 7, 32, 6, 1, 1, 0, 1),
-    # strided, narrow: input gradient by phases, XLA's weight gradient
+    # narrow: the blocked weight gradient in blocks of 8 rows (16 output rows), of 4 (with a partial block)
+    (2, 16, 12, 8, 6, 3, 1, 1, 1),
+    (1, 16, 10, 4, 4, 3, 1, 2, 2),
+    (2, 10, 7, 5, 3, 5, 1, 0, 1),
+    # strided, narrow: input gradient by phases, blocked weight gradient
     (2, 12, 10, 16, 8, 3, 2, 1, 1),
     (1, 11, 13, 8, 4, 3, 2, 1, 1),
     (1, 13, 9, 6, 4, 7, 2, 3, 1),
     (1, 10, 11, 8, 4, 2, 3, 0, 1),  # kernel narrower than the stride: empty phases
 ]
+assert any(c[1] % 8 == 0 and c[5] > 1 for c in CASES) and any(c[1] % 4 and c[5] > 1 for c in CASES)
 
 
 def _grads(fn, x, w, args):
