@@ -102,10 +102,7 @@ def _torch_param_groups(model, name):
 def flaxdet_setup(cfg, spec, imgs, gts):
     """(TrainState with ``spec``'s optimizer and dtype, device batch): the checkpoint ``spec["ckpt"]`` through the
     production converter, the images padded as the data pipeline pads them, GT padded to max(8, ``spec["gt"]``)."""
-    import jax.numpy as jnp
-    import numpy as np
 
-    from flaxdet.data.transforms import own_pad_shape, pad_ground_truth
     from flaxdet.models import build_detector
     from flaxdet.training.optimizers import make_optimizer
     from flaxdet.training.step import TrainState
@@ -118,15 +115,7 @@ def flaxdet_setup(cfg, spec, imgs, gts):
     tx, _ = make_optimizer(spec["optimizer"], o["lr"], o["weight_decay"], steps_per_epoch=1000, warmup_iters=0,
                            total_steps=10**6)
     state = TrainState(model, tx, dtype=spec["dtype"], remat=spec.get("remat", "auto"))
-    h, w = imgs[0].shape[:2]
-    hp, wp = own_pad_shape((h, w), cfg.data_preprocessor.pad_size_divisor)
-    images = np.zeros((len(imgs), hp, wp, 3), np.uint8)
-    for i, im in enumerate(imgs):
-        images[i, :h, :w] = im
-    batch = dict(images=images, img_shapes=np.array([(h, w)] * len(imgs), np.int32),
-                 pad_shapes=np.array([(hp, wp)] * len(imgs), np.int32))
-    batch.update(pad_ground_truth(gts, max(8, spec["gt"]), hp, wp))
-    return state, {k: jnp.asarray(v) for k, v in batch.items()}
+    return state, common.train_batch(imgs, gts, cfg.data_preprocessor.pad_size_divisor, max(8, spec["gt"]))
 
 
 def seeded_checkpoint(preset, directory):

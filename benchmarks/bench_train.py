@@ -55,10 +55,7 @@ def num_classes(cfg):
 def flaxdet_setup(cfg, ckpt, imgs, gts, dtype, remat="auto"):
     """(TrainState with visdet's SGD, device batch): the checkpoint through the production converter,
     the images padded as the data pipeline pads them, GT padded to a capacity of max(8, NUM_GT)."""
-    import jax.numpy as jnp
-    import numpy as np
 
-    from flaxdet.data.transforms import own_pad_shape, pad_ground_truth
     from flaxdet.models import build_detector
     from flaxdet.training.optimizers import make_optimizer
     from flaxdet.training.step import TrainState
@@ -70,15 +67,7 @@ def flaxdet_setup(cfg, ckpt, imgs, gts, dtype, remat="auto"):
     tx, _ = make_optimizer("sgd", SGD["lr"], SGD["weight_decay"], steps_per_epoch=1000, warmup_iters=0,
                            momentum=SGD["momentum"])
     state = TrainState(model, tx, dtype=dtype, remat=remat)
-    h, w = imgs[0].shape[:2]
-    hp, wp = own_pad_shape((h, w), cfg.data_preprocessor.pad_size_divisor)
-    images = np.zeros((len(imgs), hp, wp, 3), np.uint8)
-    for i, im in enumerate(imgs):
-        images[i, :h, :w] = im
-    batch = dict(images=images, img_shapes=np.array([(h, w)] * len(imgs), np.int32),
-                 pad_shapes=np.array([(hp, wp)] * len(imgs), np.int32))
-    batch.update(pad_ground_truth(gts, max(8, NUM_GT), hp, wp))
-    return state, {k: jnp.asarray(v) for k, v in batch.items()}
+    return state, common.train_batch(imgs, gts, cfg.data_preprocessor.pad_size_divisor, max(8, NUM_GT))
 
 
 def worker(spec):

@@ -190,6 +190,25 @@ def photo_batch(h, w, n, seed=0):
     return out, "crops of " + ", ".join(Path(r).stem for r in GOLDEN_PHOTOS if (root / r).is_file())
 
 
+def train_batch(imgs, gts, pad_divisor, gt_capacity):
+    """A train step's device batch, as the data pipeline makes it: the (equal-sized) images zero-padded to a multiple
+    of ``pad_divisor``, their shapes, and the GT padded to ``gt_capacity`` objects."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flaxdet.data.transforms import own_pad_shape, pad_ground_truth
+
+    h, w = imgs[0].shape[:2]
+    hp, wp = own_pad_shape((h, w), pad_divisor)
+    images = np.zeros((len(imgs), hp, wp, 3), np.uint8)
+    for i, im in enumerate(imgs):
+        images[i, :h, :w] = im
+    batch = dict(images=images, img_shapes=np.array([(h, w)] * len(imgs), np.int32),
+                 pad_shapes=np.array([(hp, wp)] * len(imgs), np.int32))
+    batch.update(pad_ground_truth(gts, gt_capacity, hp, wp))
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
 def seeded_state_dict(preset, seed=0):
     """visdet-layout state_dict (numpy) of reference/'s model for ``preset``, torch-seeded."""
     import torch

@@ -9,11 +9,13 @@ module of this package, is compared against its plain path in the tests, and is 
 name                what (module)                                               cpu     gpu, tpu
 ==================  ==========================================================  ======  ========
 ``conv_vjp``        convolution gradients by hand (:mod:`.conv`): weight        on      off
-                    gradients as shifted matmuls, strided input gradients by
-                    phases, stride-1 input gradients as a flipped-kernel conv
+                    gradients as one matmul (1x1) or over blocks of output
+                    rows, strided input gradients by phases, stride-1 input
+                    gradients as a flipped-kernel conv
 ``conv1x1_matmul``  unpadded 1x1 convolutions as one matmul (:mod:`.conv`)      on      off
 ``depthwise_taps``  depthwise convolutions (RTMDet's 5x5) as shifted             on      off
-                    multiply-adds (:mod:`.conv`)
+                    multiply-adds (:mod:`.conv`), at stride 1 with a VJP whose
+                    weight gradient is accumulated over blocks of rows
 ``max_pool_taps``   max pooling as shifted maxima, rows then columns            on      off
                     (:mod:`.pool`), bit-identical, the plain pool's gradient
 ``nms_blocks``      greedy NMS over score-sorted blocks of candidates, each      on      off
