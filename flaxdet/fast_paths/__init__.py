@@ -16,7 +16,7 @@ name                what (module)                                               
 ``depthwise_taps``  depthwise convolutions (RTMDet's 5x5) as shifted             on      off
                     multiply-adds (:mod:`.conv`), at stride 1 with a VJP whose
                     weight gradient is accumulated over blocks of rows
-``max_pool_taps``   max pooling as shifted maxima, rows then columns            on      off
+``max_pool_taps``   max pooling as shifted maxima, columns then rows            on      off
                     (:mod:`.pool`), bit-identical, the plain pool's gradient
 ``nms_blocks``      greedy NMS over score-sorted blocks of candidates, each      on      off
                     checked against the boxes kept so far (:mod:`.nms_blocks`);
