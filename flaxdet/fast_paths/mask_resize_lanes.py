@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from flaxdet.fast_paths.stored import stored
+
 LANES = 16  # detections per pass (one AVX-512 float32 vector)
 
 
@@ -31,12 +33,8 @@ def masks_in_lanes(logits, valid, rows, up, down, inside, thr, interp):
 
     one = jnp.minimum(rows, 1).astype(jnp.int32)  # 1 wherever the loop below runs; XLA cannot know it
 
-    def made(f, x):
-        """f(x), computed once and stored: a branch XLA cannot decide at compile time is a fusion boundary (XLA
-        drops ``optimization_barrier`` before fusing on CPU). Fused, each pass would be re-evaluated for every
-        value of the next."""
-        out = jax.eval_shape(f, x)
-        return jax.lax.cond(one > 0, f, lambda v: jnp.zeros(out.shape, out.dtype), x)
+    def made(f, x):  # stored: fused, each pass would be re-evaluated for every value of the next
+        return stored(f, x, one > 0)
 
     def resize(x, taps_h, taps_w):  # x (H, W, lanes): along W, then H (resize_bilinear's order)
         x = made(lambda v: interp(v, taps_w, 1), x)
