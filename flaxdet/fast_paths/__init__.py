@@ -39,6 +39,9 @@ name                what (module)                                               
                     out (H, W, detections) so that its gathers move vectors
                     (:mod:`.mask_resize_lanes`); bit-identical; plain: one
                     detection at a time
+``image_loop``      the inference trunk (preprocessing, backbone, neck, dense    on      off
+                    heads' convolutions) one image at a time, a ``lax.map``
+                    (:mod:`.image_loop`); plain: the whole batch at once
 ==================  ==========================================================  ======  ========
 
 On CPU each was measured faster (figures in each module and in ``docs/performance.md``); on GPU and TPU
@@ -55,7 +58,7 @@ import contextlib
 import os
 
 NAMES = ("conv_vjp", "conv1x1_matmul", "depthwise_taps", "max_pool_taps", "nms_blocks", "roi_align_tiers",
-         "mask_row_buckets", "mask_paste_windows", "mask_head_chunks", "mask_resize_lanes")
+         "mask_row_buckets", "mask_paste_windows", "mask_head_chunks", "mask_resize_lanes", "image_loop")
 DEFAULTS = {"cpu": frozenset(NAMES), "gpu": frozenset(), "cuda": frozenset(), "rocm": frozenset(),
             "tpu": frozenset()}
 ENV = "FLAXDET_FAST_PATHS"

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flaxdet.fast_paths.image_loop import per_image
 from flaxdet.models.dense_heads.base_dense_head import BaseDenseHead
 from flaxdet.models.layers import ConvModule, DepthwiseSeparableConvModule
 from flaxdet.models.losses import EPS, giou_loss, quality_focal_loss
@@ -148,7 +149,7 @@ class RTMDetHead(BaseDenseHead):
 
     def predict(self, feats, img_shapes, scale_factors, canvas_hw=None, rescale=True):
         """Head + post-processing: (dets, stages). ``canvas_hw`` is unused (no masks)."""
-        cls_scores, bbox_preds = self(feats)
+        cls_scores, bbox_preds = per_image(self, feats)
         stages = {f"cls_scores.{lvl}": c for lvl, c in enumerate(cls_scores)}
         stages.update({f"bbox_preds.{lvl}": r for lvl, r in enumerate(bbox_preds)})
         dets, s = self.predict_by_feat(cls_scores, bbox_preds, img_shapes, scale_factors, rescale)

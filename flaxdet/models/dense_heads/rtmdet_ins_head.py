@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from flaxdet import fast_paths
+from flaxdet.fast_paths.image_loop import per_image
 from flaxdet.fast_paths.mask_resize_lanes import masks_in_lanes
 from flaxdet.models.dense_heads.rtmdet_head import RTMDetHead
 from flaxdet.models.layers import ConvModule
@@ -205,7 +206,7 @@ class RTMDetInsHead(RTMDetHead):
 
     def predict(self, feats, img_shapes, scale_factors, canvas_hw=None, rescale=True):
         """Head + post-processing: (dets with ``masks``, stages)."""
-        cls_scores, bbox_preds, kernel_preds, mask_feat = self(feats)
+        cls_scores, bbox_preds, kernel_preds, mask_feat = per_image(self, feats)
         stages = {f"{name}.{lvl}": t for name, ts in (("cls_scores", cls_scores), ("bbox_preds", bbox_preds),
                                                        ("kernel_preds", kernel_preds)) for lvl, t in enumerate(ts)}
         stages["mask_feats"] = mask_feat

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from flaxdet.fast_paths.image_loop import per_image
 from flaxdet.models.data_preprocessors.data_preprocessor import DetDataPreprocessor
 from flaxdet.models.dense_heads.rtmdet_head import RTMDetHead, RTMDetSepBNHead
 from flaxdet.models.dense_heads.rtmdet_ins_head import RTMDetInsHead, RTMDetInsSepBNHead
@@ -71,13 +72,18 @@ class SingleStageDetector(nnx.Module):
         feats = self.backbone(x)
         return feats, (self.neck(feats) if self.neck is not None else feats)
 
+    def _trunk(self, images, img_shapes):
+        """Inference: (preprocessed, (backbone outputs, neck outputs)); image by image on the ``image_loop`` fast
+        path (:func:`flaxdet.fast_paths.image_loop.per_image`)."""
+        x = self.data_preprocessor(images, img_shapes)
+        return x, self.extract_feat(x)
+
     def predict(self, images, img_shapes, scale_factors, canvas_hw=None, rescale=True, with_stages=False):
         """images (N, Hp, Wp, 3) uint8 (in the loader's channel order, zero padded); img_shapes (N, 2) int (h, w);
         scale_factors (N, 2) or (N, 4) (w, h[, w, h]); ``canvas_hw`` (static): the mask canvas, at least every
         original size (mask heads with ``rescale``). Returns dict bboxes/scores/labels/valid [+ masks], and the
         stage dict (NHWC; visdet's golden names) when ``with_stages``."""
-        x = self.data_preprocessor(images, img_shapes)
-        feats, neck = self.extract_feat(x)
+        x, (feats, neck) = per_image(self._trunk, images, img_shapes)
         stages = {"preprocessed": x}
         stages.update({f"backbone.{i}": f for i, f in enumerate(feats)})
         stages.update({f"neck.{i}": f for i, f in enumerate(neck)})

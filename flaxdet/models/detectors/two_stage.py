@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flaxdet.config import TwoStageDetectorCfg
+from flaxdet.fast_paths.image_loop import per_image
 from flaxdet.models.backbones.cspnext import CSPNeXt
 from flaxdet.models.backbones.resnet import ResNet, ResNeXt
 from flaxdet.models.backbones.swin import SwinTransformer
@@ -56,6 +57,12 @@ class TwoStageDetector(nnx.Module):
         """``key``: training-time randomness of the backbone (Swin's drop-path / dropout); None = inference."""
         feats = self.backbone(x) if key is None else self.backbone(x, key=key)
         return feats, (self.neck(feats) if self.neck is not None else feats)
+
+    def _trunk(self, images, img_shapes):
+        """Inference: (preprocessed, (backbone outputs, neck outputs)); image by image on the ``image_loop`` fast
+        path (:func:`flaxdet.fast_paths.image_loop.per_image`)."""
+        x = self.data_preprocessor(images, img_shapes)
+        return x, self.extract_feat(x)
 
     def mask_row_buckets(self):
         """The training mask branch's static row counts per image, or None without masks."""
@@ -102,8 +109,7 @@ class TwoStageDetector(nnx.Module):
         """images (N, Hp, Wp, 3) uint8 (BGR, zero padded); img_shapes (N, 2) int; scale_factors (N, 4).
         Returns dict bboxes/scores/labels/valid (N, D, ...) [+ masks (N, D, *canvas_hw)], and the
         stage dict when ``with_stages``."""
-        x = self.data_preprocessor(images, img_shapes)
-        feats, neck = self.extract_feat(x)
+        x, (feats, neck) = per_image(self._trunk, images, img_shapes)
         stages = {"preprocessed": x}
         stages.update({f"backbone.{i}": f for i, f in enumerate(feats)})
         stages.update({f"neck.{i}": f for i, f in enumerate(neck)})
@@ -114,7 +120,7 @@ class TwoStageDetector(nnx.Module):
     def predict_boxes(self, images, img_shapes, scale_factors, rescale=True):
         """The detections before the mask branch and the FPN features it needs: (dets, neck). Boxes
         are in the network input's frame when the model has masks (``predict_mask`` rescales them)."""
-        _, neck = self.extract_feat(self.data_preprocessor(images, img_shapes))
+        _, (_, neck) = per_image(self._trunk, images, img_shapes)
         dets, _ = self.predict_heads(neck, img_shapes, scale_factors, rescale=rescale, masks=False)
         return dets, neck
 
@@ -124,7 +130,7 @@ class TwoStageDetector(nnx.Module):
         (``masks=False``: without the mask branch)."""
         stages = {}
         if proposals is None:
-            cls, reg = self.rpn_head(neck)
+            cls, reg = per_image(self.rpn_head, neck)
             for lvl, (c, r) in enumerate(zip(cls, reg)):
                 stages[f"rpn_head.cls_score.{lvl}"] = c
                 stages[f"rpn_head.bbox_pred.{lvl}"] = r
