@@ -8,7 +8,8 @@ Two measurements per (preset, batch):
 - ``network``: backbone + neck + head raw outputs on a preprocessed, padded batch -- what people deploying RTMDet
   on CPU export and time. PyTorch eager, ONNX Runtime (``torch.onnx.export`` of reference/'s network, CPU
   provider, ``--threads`` intra-op threads; needs ``pip install onnxruntime onnx``, the ``bench`` extra, else the
-  column is skipped) and flaxdet (one jit of the same three modules).
+  column is skipped) and flaxdet (one jit of the same three modules, image by image at batch > 1 as its predict
+  runs them on CPU: the ``image_loop`` fast path).
 - ``e2e``: the whole predict (preprocessing, network, score filter + per-level top-k, decoding, class-wise NMS,
   Ins masks) on uint8 images: PyTorch reference/ vs flaxdet's Detector.
 Weights are reference/'s torch-seeded init with 80 classes: logits near 0, so at the presets' score_thr (0.001,
@@ -86,6 +87,7 @@ def worker(spec):
         import jax.numpy as jnp
         from flax import nnx
 
+        from flaxdet.fast_paths.image_loop import per_image
         from flaxdet.inference import Detector, make_batch
         from flaxdet.models import build_detector
         from flaxdet_converters.checkpoint_io import load_checkpoint
@@ -99,9 +101,10 @@ def worker(spec):
             graphdef, state = nnx.split(model)
 
             @jax.jit
-            def net(state, images, shapes):
+            def net(state, images, shapes):  # as predict runs it: image by image on the image_loop fast path
                 m = nnx.merge(graphdef, state)
-                return m.bbox_head(m.extract_feat(m.data_preprocessor(images, shapes))[1])
+                return per_image(lambda x, hw: m.bbox_head(m.extract_feat(m.data_preprocessor(x, hw))[1]),
+                                 images, shapes)
 
             args = (state, jnp.asarray(batch.images), jnp.asarray(batch.img_shapes))
             import time
