@@ -33,7 +33,7 @@ name                what (module)                                               
                     its box, windows bucketed by size, bit-identical
                     (:mod:`.mask_paste_windows`); plain: over the whole canvas
                     (:mod:`flaxdet.ops.mask_paste`)
-``mask_head_chunks`` the inference mask head on chunks of <= 50 rows (a          on      off
+``mask_head_chunks`` the inference mask head on chunks of <= 20 rows (a          on      off
                     ``lax.map``; :mod:`.mask_head_chunks`); plain: all rows
 ``mask_resize_lanes`` RTMDet-Ins's mask resize 16 detections at a time, laid       on      off
                     out (H, W, detections) so that its gathers move vectors
