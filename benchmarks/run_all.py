@@ -25,7 +25,8 @@ import common
 
 HERE = Path(__file__).resolve().parent
 BUDGETS = dict(infer_ratio=1.5, train_ratio=1.2, compile_s=60.0, convert_s=3.0,  # issue 5, CPU, R50-FPN
-               rtmdet_train_ratio=1.5)  # issue 17: RTMDet-s 640x640 batch 8, and no more peak RSS than PyTorch
+               rtmdet_train_ratio=1.5,  # issue 17: RTMDet-s 640x640 batch 8, and no more peak RSS than PyTorch
+               folder_ratio=1.8)  # issue 18: images/s over a folder of 64 photos, batch 4
 
 
 def plan(quick, repeats):
@@ -71,6 +72,7 @@ def _ratios(row, target):
 def summary(d):
     """SUMMARY.md from the JSON files in ``d``."""
     data = {k: _load(d, k) for k in FILES}
+    folder = d / "infer_folder.json"  # bench_infer_folder.py (~20-60 min): run by hand, not by make bench
     have = {k: v for k, v in data.items() if v}
     if not have:
         return "# Benchmarks\n\nNo results yet: run `make bench`.\n"
@@ -144,6 +146,27 @@ def summary(d):
         budget.append(f"RTMDet training step {r['preset']} {r['size']} batch {r['batch']}: "
                       + _ratios(r, BUDGETS["rtmdet_train_ratio"])
                       + f"; peak RSS vs PyTorch's {r['pytorch']['peak_rss_mb']:.0f} MB: {rss}")
+    if folder.is_file():
+        f = json.loads(folder.read_text())
+        fm = f["machine"]
+        lines += ["## Folder throughput (Mask R-CNN R50-FPN, `bench_infer_folder.py`, run separately)", "",
+                  f"{f['n']} photos at {len(f['sizes'])} sizes (keep-ratio resize to {f['scale'][0]}x{f['scale'][1]}), "
+                  "decoding and resizing included; PyTorch: reference/ one image at a time; flaxdet: "
+                  "`Detector.stream`. ratio = flaxdet images/s / PyTorch images/s. Load average at start: "
+                  + "/".join(f"{x:.1f}" for x in fm.get("loadavg_at_start", [])) + ".", "",
+                  "| scenario | flaxdet mode | batch | PyTorch img/s | flaxdet img/s | ratio | peak RSS MB (PyTorch / "
+                  "flaxdet) |", "|---|---|---|---|---|---|---|"]
+        for r in f["results"]:
+            pt = r["pytorch"]
+            lines.append(f"| {r['scenario']} | {r['mode']} | {r['batch']} | "
+                         f"{_f(pt['images_per_s'] if pt else None, '.3f')} | {r['flaxdet']['images_per_s']:.3f} | "
+                         f"{_f(r['ratio'])} | {_f(pt['peak_rss_mb'] if pt else None, '.0f')} / "
+                         f"{r['flaxdet']['peak_rss_mb']:.0f} |")
+            if r["ratio"] is not None and r["mode"] == "pipelined":
+                budget.append(f"folder throughput, {r['scenario']}, batch {r['batch']} pipelined: {r['ratio']:.2f}x "
+                              f"({'met' if r['ratio'] >= BUDGETS['folder_ratio'] else 'NOT met'}) -- target >= "
+                              f"{BUDGETS['folder_ratio']}x")
+        lines.append("")
     if data["convert"]:
         r = data["convert"]["results"][0]
         fd = r["flaxdet"]
@@ -164,7 +187,7 @@ def summary(d):
         budget.append(f"conversion: {fd['median_s']:.2f} s (target < {BUDGETS['convert_s']:.0f} s): "
                       f"{'met' if fd['median_s'] < BUDGETS['convert_s'] else 'NOT met'}")
     if budget:
-        lines += ["## Budgets (issues 5 and 17; CPU targets)", ""] + [f"- {b}" for b in budget] + [""]
+        lines += ["## Budgets (issues 5, 17 and 18; CPU targets)", ""] + [f"- {b}" for b in budget] + [""]
     return "\n".join(lines)
 
 
