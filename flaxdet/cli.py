@@ -169,7 +169,9 @@ def build_parser():
     s.add_argument("--scale", nargs=2, default=None, metavar=("LONG", "SHORT"), help=SCALE_HELP)
     s.add_argument("--score-thr", type=float, default=0.3, help="overlay threshold (JSON keeps all)")
     s.add_argument("--batch-size", type=int, default=1,
-                   help="images per batch, all of one padded shape (1: each image alone, as visdet tests)")
+                   help="images per batch, all of one padded shape (1: each image alone, as visdet tests; on "
+                   "CPU a batch gives each image the detections it gets alone; each new batch size compiles once "
+                   "per shape)")
     s.add_argument("--workers", type=int, default=2, help="threads decoding and resizing images ahead")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--bucket", choices=("exact", "coarse"), default="exact",
