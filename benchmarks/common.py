@@ -18,8 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-from flaxdet import host_memory
-
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 CLASS_BIAS_KEY = "roi_head.bbox_head.fc_cls.bias"
@@ -266,26 +264,13 @@ def run_worker(script, spec, env=None):
     cmd = [sys.executable, str(script), "--worker", json.dumps(spec)]
     if env is None:  # compile times are cold ones: no persistent XLA cache (flaxdet's CLI enables one)
         env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    env = worker_env(spec.get("side"), env)
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     if r.returncode:
         raise SystemExit(f"worker {spec} failed (exit {r.returncode}):\n{r.stderr[-4000:]}")
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    out["host_hugepages"] = host_memory.active(env)
+    # glibc malloc settings change both sides' times a lot (docs/performance.md#host-memory-page-faults)
+    out["malloc_env"] = {k: v for k, v in env.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"}
     return out
-
-
-PYTORCH_HUGEPAGES = "FLAXDET_BENCH_PYTORCH_HUGEPAGES"
-
-
-def worker_env(side, env):
-    """A worker's environment. flaxdet's runs as the ``flaxdet`` command runs (:mod:`flaxdet.host_memory`:
-    glibc's malloc hands XLA's per-call buffers out as transparent huge pages); the PyTorch side as visdet
-    runs by default, unless ``FLAXDET_BENCH_PYTORCH_HUGEPAGES=1`` gives it the same setting (recorded per
-    worker as ``host_hugepages``: torch's CPU allocator also maps large tensors afresh per op)."""
-    if side == "flaxdet" or (side == "pytorch" and env.get(PYTORCH_HUGEPAGES, "0") == "1"):
-        return host_memory.hugepage_env(env) or env
-    return env
 
 
 def emit(result):

@@ -24,10 +24,6 @@ written by visdet's runner carries its config (meta.cfg), so --config may be omi
 Compiled XLA programs are cached on disk (~/.cache/flaxdet/xla, or $XDG_CACHE_HOME/flaxdet/xla), so a
 shape bucket compiles once per machine, not once per run; FLAXDET_COMPILE_CACHE=0 turns that off, and
 JAX_COMPILATION_CACHE_DIR picks another directory.
-
-On Linux the command restarts itself once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, so that the
-large buffers XLA allocates on every call come as transparent huge pages instead of millions of 4 KiB
-page faults (a train step 20-30% faster on CPU; docs/performance.md); FLAXDET_HUGEPAGES=0 turns that off.
 """
 
 
@@ -476,10 +472,6 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv=None):
-    if argv is None:  # the command itself (not a call from Python): huge pages for XLA's buffers, see below
-        from flaxdet.host_memory import reexec_with_hugepages
-
-        reexec_with_hugepages()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("FLAXDET_DEBUG", "") not in ("", "0")
