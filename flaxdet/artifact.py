@@ -59,7 +59,13 @@ def _spec(shape, dtype):
 
 
 def _export(fn, args, platforms):
-    exp = jax.export.export(jax.jit(fn), platforms=platforms)(*args)
+    """Traced without the ``onednn_conv`` fast path: its FFI call names a target only flaxdet's library
+    registers, and the artifact must load with jax and numpy alone (XLA's convolutions instead: the same
+    detections up to float rounding)."""
+    from flaxdet import fast_paths
+
+    with fast_paths.use(fast_paths.active() - {"onednn_conv"}):
+        exp = jax.export.export(jax.jit(fn), platforms=platforms)(*args)
     return exp, exp.serialize()
 
 

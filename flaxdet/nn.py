@@ -70,9 +70,10 @@ def _uniform(key, shape, bound, dtype=jnp.float32):
 
 def conv2d(x, w, stride, padding, dilation, groups, precision, out_dtype):
     """NHWC x HWIO convolution with torch's Conv2d arithmetic (symmetric ``padding``, ``dilation`` on the
-    kernel, ``groups``): :func:`flaxdet.ops.conv.conv2d`, or where the ``conv1x1_matmul`` / ``conv_vjp``
-    fast paths are on (:mod:`flaxdet.fast_paths`; CPU by default) an unpadded 1x1 kernel as a matmul and
-    hand-written gradients for the kernels :func:`flaxdet.fast_paths.conv.wants_custom_vjp` selects."""
+    kernel, ``groups``): :func:`flaxdet.ops.conv.conv2d`, or where the ``conv1x1_matmul`` / ``conv_vjp`` /
+    ``onednn_conv`` fast paths are on (:mod:`flaxdet.fast_paths`; CPU by default) an unpadded 1x1 kernel as a
+    matmul, hand-written gradients for the kernels :func:`flaxdet.fast_paths.conv.wants_custom_vjp` selects,
+    and the forward convolution by oneDNN (:mod:`flaxdet.fast_paths.onednn`, where its library is built)."""
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     if (w.shape[:2] == (1, 1) and groups == 1 and padding == (0, 0)
             and fast_paths.enabled("conv1x1_matmul")):
@@ -82,6 +83,8 @@ def conv2d(x, w, stride, padding, dilation, groups, precision, out_dtype):
         return fast_conv.depthwise_taps(x, w, stride, padding, dilation, precision, out_dtype)
     if fast_paths.enabled("conv_vjp") and fast_conv.wants_custom_vjp(w, stride, dilation, groups):
         return fast_conv.conv_vjp(x, w, stride, padding, dilation, groups, precision, out_dtype)
+    if fast_paths.enabled("onednn_conv"):
+        return fast_conv.forward(x, w, stride, padding, dilation, groups, precision, out_dtype)
     return plain_conv2d(x, w, stride, padding, dilation, groups, precision, out_dtype)
 
 

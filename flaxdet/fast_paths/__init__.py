@@ -42,6 +42,10 @@ name                what (module)                                               
 ``image_loop``      the inference trunk (preprocessing, backbone, neck, dense    on      off
                     heads' convolutions) one image at a time, a ``lax.map``
                     (:mod:`.image_loop`); plain: the whole batch at once
+``onednn_conv``     forward convolutions (groups 1; float32, or bfloat16 with    on      off
+                    float32 results) by oneDNN through an XLA FFI call
+                    (:mod:`.onednn`), where its library is built (``make
+                    native``); plain: XLA's convolution
 ==================  ==========================================================  ======  ========
 
 On CPU each was measured faster (figures in each module and in ``docs/performance.md``); on GPU and TPU
@@ -58,7 +62,8 @@ import contextlib
 import os
 
 NAMES = ("conv_vjp", "conv1x1_matmul", "depthwise_taps", "max_pool_taps", "nms_blocks", "roi_align_tiers",
-         "mask_row_buckets", "mask_paste_windows", "mask_head_chunks", "mask_resize_lanes", "image_loop")
+         "mask_row_buckets", "mask_paste_windows", "mask_head_chunks", "mask_resize_lanes", "image_loop",
+         "onednn_conv")
 DEFAULTS = {"cpu": frozenset(NAMES), "gpu": frozenset(), "cuda": frozenset(), "rocm": frozenset(),
             "tpu": frozenset()}
 ENV = "FLAXDET_FAST_PATHS"

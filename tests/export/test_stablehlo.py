@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
+from flaxdet import fast_paths
 from flaxdet.cli import main
 from parity_tests.goldens import GOLDENS
 
@@ -77,9 +78,18 @@ def test_artifact_gives_flaxdet_infers_detections(family, photo, tmp_path, capsy
     got = np.load(tmp_path / "dets.npz")
     names = json.loads(r.stdout.strip().splitlines()[-1])
 
-    assert main(["infer", "--checkpoint", str(model), "--images", str(photo), "--out", str(tmp_path / "infer"),
-                 "--scale", *SCALE, "--no-progress"]) == 0
+    # the artifact is traced without the onednn_conv fast path (an FFI call of flaxdet's own library): bit for bit
+    # against infer on XLA's convolutions, up to float rounding against infer's default (oneDNN's, where built)
+    with fast_paths.use(fast_paths.active() - {"onednn_conv"}):
+        assert main(["infer", "--checkpoint", str(model), "--images", str(photo), "--out", str(tmp_path / "infer"),
+                     "--scale", *SCALE, "--no-progress"]) == 0
     want = json.loads((tmp_path / "infer" / "results.json").read_text())
+    assert main(["infer", "--checkpoint", str(model), "--images", str(photo), "--out", str(tmp_path / "infer_default"),
+                 "--scale", *SCALE, "--no-progress"]) == 0
+    default = json.loads((tmp_path / "infer_default" / "results.json").read_text())
+    assert [d["category_id"] for d in default] == [d["category_id"] for d in want]
+    np.testing.assert_allclose([d["score"] for d in default], [d["score"] for d in want], rtol=0, atol=1e-5)
+    np.testing.assert_allclose([d["bbox"] for d in default], [d["bbox"] for d in want], rtol=0, atol=1e-2)
     assert len(want) == len(got["scores"]) > 0
     np.testing.assert_array_equal(got["scores"], np.float32([d["score"] for d in want]))
     assert got["labels"].tolist() == [d["category_id"] for d in want]
