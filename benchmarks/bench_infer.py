@@ -35,6 +35,12 @@ import common
 def worker(spec):
     import numpy as np
 
+    if spec["side"] == "peak":
+        import jax
+
+        common.emit(dict(spec, matmul_peak_gflops=common.matmul_peaks(), device=str(jax.devices()[0])))
+        return
+
     from flaxdet.config import load_config
 
     cfg = load_config(spec["preset"])
@@ -86,6 +92,13 @@ def worker(spec):
     first, times, r = common.timed(run, spec["repeats"], sync)
     out.update(common.summarize(times), first_call_s=first, peak_rss_mb=common.peak_rss_mb(),
                device_peak_mb=common.device_peak_mb(spec["side"]), detections=n_det(r))
+    if spec["side"] == "flaxdet":  # achieved GFLOP/s: XLA's operation count over the median latency
+        from flaxdet.fast_paths.mask_rows import mask_rows_for_count
+
+        valid = np.asarray(r["valid"])
+        rows = mask_rows_for_count(valid.shape[1], int(valid.sum(1).max())) if valid.any() else None
+        out["gflop"] = common.detector_gflop(det, batch, rows)
+        out["gflops"] = out["gflop"] / out["median_s"]
     out.pop("ckpt")
     common.emit(out)
 
@@ -119,6 +132,9 @@ def main(argv=None):
     ckpts = {s: str(common.write_checkpoint(tmp / f"{a.preset}_{s}.pth", common.scenario_weights(sd, s)))
              for s in a.scenarios}
     machine = common.machine()
+    peaks = common.run_worker(__file__, dict(side="peak"))["matmul_peak_gflops"]
+    print(f"XLA:CPU matmul peak (2048^3): float32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f}",
+          flush=True)
     rows = []
     for scenario in a.scenarios:
         for size in a.sizes:
@@ -129,7 +145,7 @@ def main(argv=None):
                 rows.append(dict(preset=a.preset, scenario=scenario, size=size, batch=b, dtypes=a.dtypes,
                                  pytorch=pt, flaxdet=fd, ratio=ratio))
     out = common.save(f"infer{'' if a.preset == 'mask_rcnn_r50' else '_' + a.preset}.json",
-                      dict(benchmark="infer", machine=machine, preset=a.preset,
+                      dict(benchmark="infer", machine=machine, preset=a.preset, matmul_peak_gflops=peaks,
                            weights="seeded (reference/, torch seed 0)", repeats=a.repeats, results=rows), a.out)
     print()
     print(common.table(rows, columns(a.dtypes)))

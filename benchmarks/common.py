@@ -254,6 +254,47 @@ def timed(fn, repeats, sync=lambda r: r):
     return first, times, r
 
 
+def matmul_peaks(n=2048, repeats=5):
+    """GFLOP/s of an n x n x n matmul under XLA:CPU: float32, and bfloat16 operands with float32 results (the
+    ceiling of flaxdet's float32 and bf16 compute on this machine; median of ``repeats``)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    out = {}
+    f = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32))
+    for name, dt in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16)):
+        a = jnp.asarray(np.random.default_rng(0).random((n, n), np.float32), dt)
+        _, times, _ = timed(lambda a=a: f(a), repeats, jax.block_until_ready)
+        out[name] = 2.0 * n ** 3 / statistics.median(times) / 1e9
+    return out
+
+
+def detector_gflop(det, batch, rows=None):
+    """XLA's count of the floating-point operations (GFLOP) of what ``Detector.predict_batch`` runs on ``batch``:
+    the box jit, and the mask jit on ``rows`` rows when given (mask models with detections), else the one-jit
+    predict. Counted on the programs as lowered with XLA's own convolutions: the onednn_conv fast path's FFI
+    calls are opaque to the count, the operations are the same. Compiles nothing."""
+    import jax
+    import jax.numpy as jnp
+
+    from flaxdet import fast_paths
+    from flaxdet.inference import Detector, _has_masks, _mask_jit_split
+
+    args = (det.state, jnp.asarray(batch.images), jnp.asarray(batch.img_shapes), jnp.asarray(batch.scale_factors))
+    with fast_paths.use(fast_paths.active() - {"onednn_conv"}):
+        if not _mask_jit_split(det.model):
+            canvas = batch.canvas_hw if _has_masks(det.model) else None
+            lowered = [Detector._predict.lower(det, *args, canvas, True, False)]
+        else:
+            lowered = [Detector._predict_boxes.lower(det, *args, True)]
+            if rows:
+                dets, neck = jax.eval_shape(lambda *a: det._predict_boxes(*a, True), *args)
+                lowered.append(Detector._predict_masks.lower(det, det.state, neck, dets, args[3], batch.canvas_hw,
+                                                             True, rows))
+        return sum(float(lo.cost_analysis()["flops"]) for lo in lowered) / 1e9
+
+
 def summarize(times):
     return dict(median_s=statistics.median(times), min_s=min(times), max_s=max(times), times_s=times)
 
