@@ -96,3 +96,14 @@ def test_layer_gradients_are_the_plain_ones(conv_vjp):
         np.testing.assert_allclose(va, vb, rtol=1e-5)
         for a, b in zip(ga, gb):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(jnp.abs(b).max()))
+
+
+def test_independent_calls_of_one_program():
+    """XLA:CPU runs independent operations of a program at once on its threads: each call has its own scratchpad
+    (oneDNN's default shares one between primitives; RTMDet's parallel CSP branches gave wrong results with it)."""
+    ops = [_operands(((2, 40, 56, 32), (3, 3, 32)) + CASES[0][2:], jnp.float32, seed=i) for i in range(6)]
+    xs, ws = [o[0] for o in ops], [o[1] for o in ops]
+    got = jax.jit(lambda xs, ws: [onednn.conv(x, w, (1, 1), (1, 1), (1, 1)) for x, w in zip(xs, ws)])(xs, ws)
+    for x, w, g in zip(xs, ws, got):
+        want = onednn.plain(x, w, (1, 1), (1, 1), (1, 1), jax.lax.Precision.HIGHEST, None)
+        np.testing.assert_allclose(g, want, rtol=0, atol=2e-5 * float(jnp.abs(want).max()))

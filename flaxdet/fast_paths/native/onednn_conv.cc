@@ -5,7 +5,8 @@
 //   Attributes: strides sh, sw; paddings top, bottom, left, right (>= 0); dilations dh, dw (1 = none).
 //
 // The primitive for each shape is created once and cached (oneDNN picks the weights' blocked layout; the HWIO
-// weights are reordered into it on every call: cheap next to the convolution). Built by `make native` against
+// weights are reordered into it on every call: cheap next to the convolution). Calls may run concurrently (XLA:CPU
+// runs independent operations on several threads): each has its own scratchpad and weights buffer. Built by `make native` against
 // the system's oneDNN (Debian: libdnnl-dev), with the XLA FFI headers that jaxlib ships (jax.ffi.include_dir()).
 #include <cstdint>
 #include <map>
@@ -32,7 +33,18 @@ struct Primitive {
   dnnl::convolution_forward conv;
   dnnl::memory::desc user_weights;
   bool reorder_weights = false;
+  dnnl::reorder::primitive_desc reorder_pd;
+  dnnl::reorder reorder;
 };
+
+// XLA:CPU may run independent operations at once on its threads, so two calls can execute primitives
+// concurrently: each call brings its own scratchpad (oneDNN's default shares one library scratchpad between
+// primitives, which is not safe then).
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
 
 std::mutex cache_mutex;
 std::map<std::vector<int64_t>, std::shared_ptr<Primitive>> cache;
@@ -51,10 +63,15 @@ std::shared_ptr<Primitive> GetPrimitive(dnnl_dt in_type, const std::vector<int64
                                        src, any_weights, dst, {key[10], key[11]}, {key[16] - 1, key[17] - 1},
                                        {key[12], key[14]}, {key[13], key[15]});
   auto prim = std::make_shared<Primitive>();
-  prim->pd = dnnl::convolution_forward::primitive_desc(desc, Engine());
+  prim->pd = dnnl::convolution_forward::primitive_desc(desc, UserScratchpad(), Engine());
   prim->conv = dnnl::convolution_forward(prim->pd);
   prim->user_weights = dnnl::memory::desc({o, c, kh, kw}, in_type, dnnl_tag::hwio);
   prim->reorder_weights = prim->pd.weights_desc() != prim->user_weights;
+  if (prim->reorder_weights) {
+    prim->reorder_pd = dnnl::reorder::primitive_desc(Engine(), prim->user_weights, Engine(), prim->pd.weights_desc(),
+                                                     UserScratchpad());
+    prim->reorder = dnnl::reorder(prim->reorder_pd);
+  }
   cache.emplace(key, prim);
   return prim;
 }
@@ -86,9 +103,13 @@ ffi::Error Conv(ffi::Buffer<T> x, ffi::Buffer<T> w, ffi::ResultBuffer<ffi::F32> 
     dnnl::memory weights = user_weights;
     if (prim->reorder_weights) {
       weights = dnnl::memory(prim->pd.weights_desc(), Engine());
-      dnnl::reorder(user_weights, weights).execute(stream, user_weights, weights);
+      dnnl::memory scratch(prim->reorder_pd.scratchpad_desc(), Engine());
+      prim->reorder.execute(stream, {{DNNL_ARG_FROM, user_weights}, {DNNL_ARG_TO, weights},
+                                     {DNNL_ARG_SCRATCHPAD, scratch}});
     }
-    prim->conv.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DST, dst}});
+    dnnl::memory scratch(prim->pd.scratchpad_desc(), Engine());
+    prim->conv.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DST, dst},
+                                {DNNL_ARG_SCRATCHPAD, scratch}});
     stream.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("onednn_conv: ") + e.what());
