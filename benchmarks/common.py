@@ -273,8 +273,9 @@ def matmul_peaks(n=2048, repeats=5):
 def detector_gflop(det, batch, rows=None):
     """XLA's count of the floating-point operations (GFLOP) of what ``Detector.predict_batch`` runs on ``batch``:
     the box jit, and the mask jit on ``rows`` rows when given (mask models with detections), else the one-jit
-    predict. Counted on the programs as lowered with XLA's own convolutions: the onednn_conv fast path's FFI
-    calls are opaque to the count, the operations are the same. Compiles nothing."""
+    predict. Counted on the programs as lowered with XLA's own convolutions and without the loops that only split
+    the same work (``image_loop``, ``mask_head_chunks``): XLA counts a loop body once, and the onednn_conv fast
+    path's FFI calls are opaque to it; the operations are the same. Compiles nothing."""
     import jax
     import jax.numpy as jnp
 
@@ -282,7 +283,7 @@ def detector_gflop(det, batch, rows=None):
     from flaxdet.inference import Detector, _has_masks, _mask_jit_split
 
     args = (det.state, jnp.asarray(batch.images), jnp.asarray(batch.img_shapes), jnp.asarray(batch.scale_factors))
-    with fast_paths.use(fast_paths.active() - {"onednn_conv"}):
+    with fast_paths.use(fast_paths.active() - {"onednn_conv", "image_loop", "mask_head_chunks"}):
         if not _mask_jit_split(det.model):
             canvas = batch.canvas_hw if _has_masks(det.model) else None
             lowered = [Detector._predict.lower(det, *args, canvas, True, False)]

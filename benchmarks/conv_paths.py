@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import common
 
@@ -31,13 +30,7 @@ SHAPES = [("FPN P2 / RPN P2 output conv", 1, 200, 336, 256, 256), ("FPN P3 / RPN
 
 
 def _median(fn, repeats):
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return statistics.median(common.timed(fn, repeats)[1])
 
 
 def _patches(x, w, rows_px=2688):

@@ -36,7 +36,7 @@ from flaxdet.config import TwoStageDetectorCfg, test_scale
 from flaxdet.data.transforms import ImageError, load_image, resize_keep_ratio
 from flaxdet.fast_paths.mask_rows import mask_rows_for_count
 from flaxdet.models import TwoStageDetector, build_detector
-from flaxdet.nn import set_compute_dtype
+from flaxdet.nn import Conv2d, ConvTranspose2d, Linear, set_compute_dtype
 
 
 def _round_up(x, d):
@@ -102,7 +102,7 @@ class Detector:
         self.model = model
         self.cfg: TwoStageDetectorCfg = model.cfg
         self.classes = list(classes) if classes is not None else None
-        self.graphdef, self.state = nnx.split(model)
+        self.graphdef, self.state = _split(model)
         self._compiled = {}
 
     @classmethod
@@ -149,7 +149,7 @@ class Detector:
 
     def refresh(self):
         """Call after changing the model's variables in place."""
-        self.graphdef, self.state = nnx.split(self.model)
+        self.graphdef, self.state = _split(self.model)
 
     @partial(jax.jit, static_argnums=(0, 5, 6, 7))
     def _predict(self, state, images, img_shapes, scale_factors, canvas_hw, rescale, with_stages):
@@ -214,6 +214,24 @@ class Detector:
         batch = make_batch(images, metas, div)
         dets = jax.device_get(self.predict_batch(batch, rescale))
         return unpad(dets, batch)
+
+
+def _split(model):
+    """``nnx.split(model)``, with each Conv2d / ConvTranspose2d / Linear weight whose layer has a compute dtype
+    (bf16) cast to it once here instead of in every call of the jits (the same values: the layers cast their
+    weights to the compute dtype first). The model's own parameters stay float32."""
+    graphdef, state = nnx.split(model)
+    layers = {tuple(path): m.compute_dtype for path, m in nnx.iter_modules(model)
+              if isinstance(m, Conv2d | ConvTranspose2d | Linear) and m.compute_dtype is not None}
+    if not layers:
+        return graphdef, state
+
+    def cast(path, x):
+        keys = tuple(getattr(k, "key", getattr(k, "name", k)) for k in path)
+        dt = layers.get(keys[:-2]) if keys[-2:] == ("weight", "value") else None
+        return x if dt is None else x.astype(dt)
+
+    return graphdef, jax.tree_util.tree_map_with_path(cast, state)
 
 
 def _has_masks(model) -> bool:

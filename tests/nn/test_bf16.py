@@ -171,6 +171,31 @@ def test_bf16_inference_matches_visdet_float32(image):
     check_against_golden(_DETECTOR["det"], CASE, image)
 
 
+@pytest.mark.goldens
+def test_bf16_detector_casts_weights_once():
+    """A bf16 Detector's jits run on its layers' weights cast to bf16 once (not in every call): bit for bit what the
+    float32 parameters give when each layer casts them itself; biases, BN and the model's own parameters stay
+    float32."""
+    require_goldens()
+    model, classes = golden_model(CASE)
+    det = Detector(model, classes, dtype="bfloat16")
+    leaves = jax.tree_util.tree_leaves_with_path(det.state)
+    dts = {jax.tree_util.keystr(p): x.dtype for p, x in leaves}
+    assert dts["['backbone']['conv1']['weight'].value"] == jnp.bfloat16
+    assert dts["['roi_head']['bbox_head']['shared_fcs'][0]['weight'].value"] == jnp.bfloat16
+    assert dts["['roi_head']['bbox_head']['shared_fcs'][0]['bias'].value"] == jnp.float32
+    assert dts["['backbone']['bn1']['weight'].value"] == jnp.float32  # BN is not a compute-dtype layer
+    assert sum(d == jnp.bfloat16 for d in dts.values()) > 40
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
+    g = golden_image(CASE, "coco_test_12510")
+    batch = make_batch([g["input_bgr_uint8"]], [g.meta])
+    args = (jnp.asarray(batch.images), jnp.asarray(batch.img_shapes), jnp.asarray(batch.scale_factors))
+    once = det._predict_boxes(det.state, *args, True)
+    each_call = det._predict_boxes(nnx.split(model)[1], *args, True)
+    for a, b in zip(jax.tree_util.tree_leaves(once), jax.tree_util.tree_leaves(each_call)):
+        np.testing.assert_array_equal(a, b)
+
+
 # -- training -------------------------------------------------------------------------------------------
 
 def _train_batch(model, hw=(128, 160)):
