@@ -2,7 +2,7 @@
 jitted program through the XLA FFI.
 
 XLA:CPU's own convolutions reach 400-500 GFLOP/s in float32 on the 2-core AMD EPYC the benchmarks run on, and
-bfloat16 gains them nothing (XLA converts to float32 first), while the same machine multiplies bf16 matrices at
+bfloat16 operands make them no faster (measured), while the same machine multiplies bf16 matrices at
 ~900 GFLOP/s. oneDNN -- the library PyTorch's CPU convolutions use -- runs the same convolutions at ~470-560
 GFLOP/s in float32 and ~860-1090 GFLOP/s in bfloat16 (3x3, 64-512 channels, 14x14 to 200x336; medians of 5).
 
