@@ -24,6 +24,7 @@ from flaxdet.config import (
 )
 from flaxdet.data.transforms import ImageError, prepare_test_image
 from flaxdet.evaluation import detections_to_coco
+from flaxdet.fast_paths import onednn
 from flaxdet.inference import Detector, detect_stream, expand_inputs, make_batch, unpad
 from flaxdet.models import build_detector
 from flaxdet.parity import format_table
@@ -428,6 +429,7 @@ def run_infer(checkpoint, images, out_dir, config=None, scale=None, score_thr=0.
     classes = check_class_names(classes, model.cfg, f"{checkpoint}'s class names", log, strict=False)
     cat_ids = _category_ids(meta, n_cls, log)
     scale = scale or test_scale(model.cfg)
+    onednn.note_if_missing(log)
     det = Detector(model, classes, dtype=dtype)
     out = Path(out_dir)
     (out / "overlays").mkdir(parents=True, exist_ok=True)

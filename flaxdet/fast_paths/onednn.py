@@ -70,6 +70,18 @@ def version() -> str | None:
     return _state.get("version")
 
 
+def note_if_missing(log=print) -> bool:
+    """On CPU with the fast path on but its library missing, ``log`` one line saying so and how to build it (the
+    commands that run models call this once). Returns whether it logged."""
+    from flaxdet import fast_paths
+
+    if jax.default_backend() != "cpu" or not fast_paths.enabled("onednn_conv") or available():
+        return False
+    log(f"note: convolutions run on XLA, not oneDNN ({unavailable_reason()}); float32 up to ~15% and bf16 about "
+        "1.5x slower")
+    return True
+
+
 def supports(x, w, stride, padding, dilation, groups, out_dtype) -> bool:
     """Whether :func:`conv` computes this convolution: 4-D float32 or bfloat16 operands of one dtype, groups 1,
     paddings >= 0, a float32 result (``out_dtype`` None with float32 inputs, or float32), the CPU backend and the
@@ -130,4 +142,4 @@ def _conv_bwd(stride, padding, dilation, precision, out_dtype, res, gy):
 conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-__all__ = ["LIBRARY", "available", "conv", "plain", "supports", "unavailable_reason", "version"]
+__all__ = ["LIBRARY", "available", "conv", "note_if_missing", "plain", "supports", "unavailable_reason", "version"]

@@ -39,6 +39,7 @@ from flaxdet.checkpoint import load_model_dir, save_model_dir
 from flaxdet.config import ConfigError, check_trainable, final_bbox_head, is_two_stage, test_scale
 from flaxdet.data.coco import CocoDataset, TrainLoader
 from flaxdet.data.grain_pipeline import warn_unreadable
+from flaxdet.fast_paths import onednn
 from flaxdet.models import build_detector
 from flaxdet.training.ema import EMAConfig
 from flaxdet.training.optimizers import DEFAULTS, make_optimizer
@@ -296,6 +297,7 @@ def train(cfg: TrainConfig, *, progress=True, plot=True, log=print, stop_after=N
     out.mkdir(parents=True, exist_ok=True)
     model, _, _ = load_model_dir(cfg.checkpoint)
     check_trainable(model.cfg, f"{cfg.checkpoint}/config.yaml")
+    onednn.note_if_missing(log)
     ds = CocoDataset(cfg.ann_file, cfg.img_dir)
     model = adapt_num_classes(model, ds.classes, log)
     scale = tuple(cfg.scale) if cfg.scale is not None else test_scale(model.cfg)

@@ -107,3 +107,15 @@ def test_independent_calls_of_one_program():
     for x, w, g in zip(xs, ws, got):
         want = onednn.plain(x, w, (1, 1), (1, 1), (1, 1), jax.lax.Precision.HIGHEST, None)
         np.testing.assert_allclose(g, want, rtol=0, atol=2e-5 * float(jnp.abs(want).max()))
+
+
+def test_commands_say_when_the_library_is_missing(monkeypatch):
+    """`flaxdet infer` / `train` log one line when oneDNN's library is missing on CPU, nothing when it is there."""
+    said = []
+    assert not onednn.note_if_missing(said.append) and not said
+    monkeypatch.setitem(onednn._state, "ok", False)
+    monkeypatch.setitem(onednn._state, "reason", "/x/libflaxdet_onednn.so is not built (run `make native`)")
+    assert onednn.note_if_missing(said.append)
+    assert len(said) == 1 and "not oneDNN" in said[0] and "make native" in said[0]
+    with fast_paths.use("none"):
+        assert not onednn.note_if_missing(said.append) and len(said) == 1
