@@ -19,5 +19,9 @@ if [ ! -f "$header" ] || ! command -v g++ >/dev/null; then
   exit 0
 fi
 inc="$("$py" -c 'import jax; print(jax.ffi.include_dir())')" || exit 1
-g++ -O2 -std=c++17 -shared -fPIC -w -I"$inc" "$here/onednn_conv.cc" -o "$out.tmp" -ldnnl && mv "$out.tmp" "$out" \
-  && echo "native: built $out"
+if g++ -O2 -std=c++17 -shared -fPIC -w -I"$inc" "$here/onednn_conv.cc" -o "$out.tmp" -ldnnl; then
+  mv "$out.tmp" "$out" && echo "native: built $out"
+else  # not fatal: flaxdet runs XLA's convolutions (CI's FLAXDET_REQUIRE_NATIVE=1 makes the tests say so)
+  rm -f "$out.tmp"
+  echo "native: building $out failed (above): the onednn_conv fast path stays off" >&2
+fi
