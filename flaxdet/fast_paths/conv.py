@@ -27,10 +27,7 @@ def forward(x, w, stride, padding, dilation, groups, precision, out_dtype):
     case, else XLA's. ``padding``: per axis an int (symmetric) or a (low, high) pair."""
     if fast_paths.enabled("onednn_conv") and onednn.supports(x, w, stride, padding, dilation, groups, out_dtype):
         return onednn.conv(x, w, tuple(stride), tuple(padding), tuple(dilation), precision, out_dtype)
-    return jax.lax.conv_general_dilated(x, w, window_strides=stride, padding=onednn.pad_pairs(padding),
-                                        rhs_dilation=dilation,
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
-                                        precision=precision, preferred_element_type=out_dtype)
+    return onednn.plain(x, w, stride, padding, dilation, precision, out_dtype, groups)
 
 
 def matmul_weight_grad(w, groups):

@@ -91,7 +91,8 @@ def supports(x, w, stride, padding, dilation, groups, out_dtype) -> bool:
         return False
     if (out_dtype is None and dt != jnp.float32) or (out_dtype is not None and jnp.dtype(out_dtype) != jnp.float32):
         return False
-    if min(pad_pairs(padding)[0] + pad_pairs(padding)[1]) < 0 or min(stride) < 1 or min(dilation) < 1:
+    (top, bottom), (left, right) = pad_pairs(padding)
+    if min(top, bottom, left, right) < 0 or min(stride) < 1 or min(dilation) < 1:
         return False
     return jax.default_backend() == "cpu" and available()
 
@@ -115,12 +116,13 @@ def _ffi_conv(x, w, stride, padding, dilation):
                 right=i64(right), dh=i64(dilation[0]), dw=i64(dilation[1]))
 
 
-def plain(x, w, stride, padding, dilation, precision, out_dtype):
+def plain(x, w, stride, padding, dilation, precision, out_dtype, groups=1):
     """XLA's convolution with the same arguments as :func:`conv` (``padding`` per axis an int or a (low, high)
-    pair)."""
+    pair), and ``groups``."""
     return jax.lax.conv_general_dilated(x, w, window_strides=tuple(stride), padding=pad_pairs(padding),
                                         rhs_dilation=tuple(dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                        precision=precision, preferred_element_type=out_dtype)
+                                        feature_group_count=groups, precision=precision,
+                                        preferred_element_type=out_dtype)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
